@@ -1,0 +1,128 @@
+#pragma once
+/// @file
+/// Scaled dot-product attention composed from the kernels (Vaswani et al. 2017, "Attention
+/// Is All You Need", eq. 1): O = softmax(scale·Q·Kᵀ + bias, masked)·V, and self-attention
+/// from a token matrix X through a `QKVProjection`.
+///
+/// This is the reference path: it materialises the n_q×n_k weight matrix P, which is what
+/// a caller who asks for the weights wants, and costs n_q·n_k scalars of memory.
+
+#include <string>
+
+#include <Eigen/Core>
+
+#include "detail/eigen_types.hpp"
+#include "error.hpp"
+#include "mask.hpp"
+#include "options.hpp"
+#include "projection.hpp"
+#include "scores.hpp"
+#include "softmax.hpp"
+#include "weighted_sum.hpp"
+
+namespace attn {
+
+namespace detail {
+
+template <typename DerivedQ, typename DerivedK, typename DerivedV>
+void check_attention(const char* operation, const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                     const Eigen::MatrixBase<DerivedV>& v,
+                     const AttentionOptions<typename DerivedQ::Scalar>& options) {
+  require_floating_point<typename DerivedQ::Scalar>();
+  require_same_scalar<DerivedQ, DerivedK, DerivedV>();
+  static_assert(extents_compatible(DerivedQ::ColsAtCompileTime, DerivedK::ColsAtCompileTime),
+                "attn::attention: q and k must have the same number of columns (d_k)");
+  static_assert(extents_compatible(DerivedK::RowsAtCompileTime, DerivedV::RowsAtCompileTime),
+                "attn::attention: k and v must have the same number of rows (one per key)");
+  require_extents_match(operation, operand("q", q), Extent::columns, operand("k", k), Extent::columns);
+  require_extents_match(operation, operand("k", k), Extent::rows, operand("v", v), Extent::rows);
+  validate_options(operation, options, q.rows(), k.rows());
+  if (!options.scale && q.cols() == 0) {
+    throw_invalid_argument(std::string(operation) +
+                           ": d_k is 0, so the default scale 1/sqrt(d_k) is undefined; set options.scale");
+  }
+}
+
+/// The pipeline after its checks: scores into `weights`, masks, softmax, then P·V.
+template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Out, typename Weights>
+void attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                         const Eigen::MatrixBase<DerivedV>& v,
+                         const AttentionOptions<typename DerivedQ::Scalar>& options, Out& out, Weights& weights) {
+  using Scalar = typename DerivedQ::Scalar;
+  const Scalar scale = options.scale ? *options.scale : default_scale<Scalar>(q.cols());
+  // weights: (n_q × n_k), first holding the scores, then overwritten by their softmax
+  weights.noalias() = scale * (q * k.transpose());
+  mask_scores_unchecked(weights, options);
+  softmax_rows_inplace(weights);
+  // output: (n_q × d_v)
+  weighted_sum_unchecked(weights, v, out);
+}
+
+}  // namespace detail
+
+/// Attention written into caller storage: `out` (n_q×d_v) and the weights P (n_q×n_k),
+/// which double as the scratch for the scores. With both buffers already the right size,
+/// as in a loop that reuses them, nothing is allocated. Neither may alias an input.
+///
+/// q: n_q×d_k, k: n_k×d_k, v: n_k×d_v. Cross-attention (n_q ≠ n_k, d_v ≠ d_k) is fine;
+/// n_q = 0 gives an empty result and n_k = 0 an output of zeros.
+template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Out, typename Weights>
+void attention_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                    const Eigen::MatrixBase<DerivedV>& v, const AttentionOptions<typename DerivedQ::Scalar>& options,
+                    Out&& out, Weights&& weights) {
+  constexpr const char* operation = "attn::attention_into";
+  detail::require_writable<Out>();
+  detail::require_writable<Weights>();
+  detail::check_attention(operation, q, k, v, options);
+  detail::fit_output(operation, "out", out, q.rows(), v.cols());
+  detail::fit_output(operation, "weights", weights, q.rows(), k.rows());
+  detail::attention_unchecked(q, k, v, options, out, weights);
+}
+
+/// Attention as a new n_q×d_v matrix, fixed-size (and heap-free) when the inputs are.
+template <typename DerivedQ, typename DerivedK, typename DerivedV>
+auto attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+               const Eigen::MatrixBase<DerivedV>& v, const AttentionOptions<typename DerivedQ::Scalar>& options = {}) {
+  using Scalar = typename DerivedQ::Scalar;
+  detail::check_attention("attn::attention", q, k, v, options);
+  detail::plain_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedV::ColsAtCompileTime> out(q.rows(), v.cols());
+  detail::row_major_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedK::RowsAtCompileTime> weights(q.rows(),
+                                                                                                     k.rows());
+  detail::attention_unchecked(q, k, v, options, out, weights);
+  return out;
+}
+
+/// Attention as a new n_q×d_v matrix, also handing back the attention weights P (n_q×n_k)
+/// in `weights` (resized if it is a plain matrix), for inspection and visualisation.
+template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Weights>
+auto attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+               const Eigen::MatrixBase<DerivedV>& v, const AttentionOptions<typename DerivedQ::Scalar>& options,
+               Weights&& weights) {
+  constexpr const char* operation = "attn::attention";
+  detail::require_writable<Weights>();
+  detail::check_attention(operation, q, k, v, options);
+  detail::fit_output(operation, "weights", weights, q.rows(), k.rows());
+  detail::plain_matrix<typename DerivedQ::Scalar, DerivedQ::RowsAtCompileTime, DerivedV::ColsAtCompileTime> out(
+      q.rows(), v.cols());
+  detail::attention_unchecked(q, k, v, options, out, weights);
+  return out;
+}
+
+/// Self-attention of a token matrix x (n×d_model, one token per row): Q, K and V from
+/// `projection`, then `attention`. Fixed-size and heap-free when x and the projection are.
+template <typename DerivedX, typename Scalar, int DModel, int DK, int DV>
+auto self_attention(const Eigen::MatrixBase<DerivedX>& x, const QKVProjection<Scalar, DModel, DK, DV>& projection,
+                    const AttentionOptions<Scalar>& options = {}) {
+  const auto qkv = projection.project(x);
+  return attention(qkv.q, qkv.k, qkv.v, options);
+}
+
+/// Self-attention that also hands back the attention weights (n×n) in `weights`.
+template <typename DerivedX, typename Scalar, int DModel, int DK, int DV, typename Weights>
+auto self_attention(const Eigen::MatrixBase<DerivedX>& x, const QKVProjection<Scalar, DModel, DK, DV>& projection,
+                    const AttentionOptions<Scalar>& options, Weights&& weights) {
+  const auto qkv = projection.project(x);
+  return attention(qkv.q, qkv.k, qkv.v, options, weights);
+}
+
+}  // namespace attn

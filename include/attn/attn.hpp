@@ -1,0 +1,15 @@
+#pragma once
+/// @file
+/// The umbrella header: everything attn offers. Self-attention as in Vaswani et al. 2017,
+/// "Attention Is All You Need", on Eigen matrices with one token per row.
+
+#include "version.hpp"
+#include "error.hpp"
+#include "matrix_view.hpp"
+#include "projection.hpp"
+#include "scores.hpp"
+#include "softmax.hpp"
+#include "weighted_sum.hpp"
+#include "options.hpp"
+#include "mask.hpp"
+#include "attention.hpp"

@@ -1,0 +1,89 @@
+#pragma once
+/// @file
+/// Compile-time plumbing shared by the kernels: which scalars attn accepts, the plain
+/// matrix types results are returned in, and how caller-owned outputs are checked and sized.
+
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "../error.hpp"
+
+namespace attn::detail {
+
+/// Instantiated by every entry point so that a bad scalar fails with one readable line
+/// instead of pages of Eigen template errors.
+template <typename Scalar>
+constexpr void require_floating_point() noexcept {
+  static_assert(!Eigen::NumTraits<Scalar>::IsInteger && !Eigen::NumTraits<Scalar>::IsComplex,
+                "attn requires a floating-point scalar (float or double): attention weights are "
+                "fractions that integer (or complex) matrices cannot hold");
+}
+
+/// The plain matrix a result is returned in, carrying the inputs' compile-time sizes so
+/// that fixed-size inputs give fixed-size results on the stack.
+template <typename Scalar, int Rows, int Cols>
+using plain_matrix = Eigen::Matrix<Scalar, Rows, Cols>;
+
+/// The scratch for an n_q×n_k score matrix that attn owns: row-major, because the softmax
+/// walks rows (about 2× faster than over a column-major matrix at n = 1024). A single
+/// column must stay column-major, as Eigen requires of fixed-size vectors.
+template <typename Scalar, int Rows, int Cols>
+using row_major_matrix =
+    Eigen::Matrix<Scalar, Rows, Cols, (Cols == 1 && Rows != 1) ? Eigen::ColMajor : Eigen::RowMajor>;
+
+/// True for an Eigen matrix expression that can be written to: a Matrix, a Map, a Ref or a
+/// block of one, passed as a non-const lvalue or as a temporary view.
+template <typename Out>
+inline constexpr bool is_writable_matrix_v = [] {
+  using Bare = std::remove_cv_t<std::remove_reference_t<Out>>;
+  if constexpr (!std::is_base_of_v<Eigen::MatrixBase<Bare>, Bare>) {
+    return false;
+  } else {
+    return !std::is_const_v<std::remove_reference_t<Out>> &&
+           (Eigen::internal::traits<Bare>::Flags & Eigen::LvalueBit) != 0;
+  }
+}();
+
+/// Makes a caller-owned output `rows`×`cols`: a plain matrix of the wrong size is resized
+/// (allocation happens only when the size changes, so a loop that reuses it allocates
+/// once), while a view (block, Map, Ref) of the wrong size is an error, never a silent
+/// write past its end.
+template <typename Out>
+void fit_output(const char* operation, const char* name, Out& out, Eigen::Index rows, Eigen::Index cols) {
+  if (out.rows() == rows && out.cols() == cols) return;
+  using Bare = std::remove_cv_t<Out>;
+  constexpr bool resizable = std::is_base_of_v<Eigen::PlainObjectBase<Bare>, Bare>;
+  if constexpr (resizable) {
+    const bool rows_fit = Bare::RowsAtCompileTime == Eigen::Dynamic || Bare::RowsAtCompileTime == rows;
+    const bool cols_fit = Bare::ColsAtCompileTime == Eigen::Dynamic || Bare::ColsAtCompileTime == cols;
+    const bool max_fits = (Bare::MaxRowsAtCompileTime == Eigen::Dynamic || rows <= Bare::MaxRowsAtCompileTime) &&
+                          (Bare::MaxColsAtCompileTime == Eigen::Dynamic || cols <= Bare::MaxColsAtCompileTime);
+    if (rows_fit && cols_fit && max_fits) {
+      out.resize(rows, cols);
+      return;
+    }
+  }
+  require_shape(operation, operand(name, out), rows, cols, "the result's shape");
+}
+
+}  // namespace attn::detail
+
+namespace attn::detail {
+
+/// Eigen refuses to mix scalars too, but with a page of template errors; say it in a line.
+template <typename First, typename... Rest>
+constexpr void require_same_scalar() noexcept {
+  static_assert((std::is_same_v<typename First::Scalar, typename Rest::Scalar> && ...),
+                "attn: all operands must have the same scalar type; convert one with "
+                ".cast<float>() or .cast<double>()");
+}
+
+template <typename Out>
+constexpr void require_writable() noexcept {
+  static_assert(is_writable_matrix_v<Out>,
+                "attn: an output must be a writable Eigen matrix, Map, Ref or block (not const, "
+                "not an expression)");
+}
+
+}  // namespace attn::detail

@@ -1,0 +1,70 @@
+#pragma once
+/// @file
+/// `attn::AttentionOptions`: the scale and the masks an attention call applies, and their
+/// validation against the call's n_q×n_k score matrix.
+
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include <Eigen/Core>
+
+#include "error.hpp"
+#include "matrix_view.hpp"
+
+namespace attn {
+
+/// How an attention call scores and masks. Every field is optional; the defaults give
+/// plain softmax(Q·Kᵀ/√d_k)·V over all keys.
+///
+/// Which keys query i may attend (key j is kept iff every present rule keeps it):
+/// - `causal`: j ≤ i + (n_k − n_q), aligned bottom-right as FlashAttention and ONNX do, so
+///   that the last query always sees the last key: a block of new queries at the end of a
+///   longer key sequence (decoding with a KV cache) sees the whole cache plus its own past.
+///   For n_q = n_k this is the usual j ≤ i. PyTorch's `is_causal` aligns top-left instead
+///   (j ≤ i whatever n_k); the two differ only when n_q ≠ n_k.
+/// - `mask`: an n_q×n_k bool matrix, `true` = may attend (the opposite of PyTorch's boolean
+///   `attn_mask` and `key_padding_mask`, where `true` = masked).
+/// - `valid_keys`: keys 0 … valid_keys−1 are real, the rest are padding.
+/// - `bias`: an n_q×n_k matrix added to the scaled scores (ALiBi, relative positions, a
+///   float mask); an entry of −∞ masks its key as the rules above do.
+///
+/// A query whose keys are all masked gets an output row of zeros and weights of zeros,
+/// never NaN (PyTorch's MultiheadAttention returns NaN there).
+///
+/// `mask` and `bias` are views: the matrices they refer to must outlive the call.
+template <typename Scalar>
+struct AttentionOptions {
+  /// Multiplies Q·Kᵀ; must be finite and positive. Absent: 1/√d_k (`attn::default_scale`).
+  std::optional<Scalar> scale;
+  bool causal = false;
+  MatrixView<bool> mask;
+  MatrixView<Scalar> bias;
+  std::optional<Eigen::Index> valid_keys;
+};
+
+using AttentionOptionsf = AttentionOptions<float>;
+using AttentionOptionsd = AttentionOptions<double>;
+
+namespace detail {
+
+/// Checks every option against an n_q×n_k score matrix: O(1), whatever the sizes.
+template <typename Scalar>
+void validate_options(const char* operation, const AttentionOptions<Scalar>& options, Eigen::Index n_q,
+                      Eigen::Index n_k) {
+  if (options.scale) require_valid_scale(operation, *options.scale);
+  if (!options.mask.empty()) {
+    require_shape(operation, Operand{"mask", options.mask.rows(), options.mask.cols()}, n_q, n_k, "n_q x n_k");
+  }
+  if (!options.bias.empty()) {
+    require_shape(operation, Operand{"bias", options.bias.rows(), options.bias.cols()}, n_q, n_k, "n_q x n_k");
+  }
+  if (options.valid_keys && (*options.valid_keys < 0 || *options.valid_keys > n_k)) {
+    std::ostringstream message;
+    message << operation << ": valid_keys must be between 0 and n_k = " << n_k << ", got " << *options.valid_keys;
+    throw_invalid_argument(message.str());
+  }
+}
+
+}  // namespace detail
+}  // namespace attn

@@ -1,0 +1,67 @@
+#pragma once
+/// @file
+/// Step 4 of self-attention: scaled dot-product scores S = scale·Q·Kᵀ (Vaswani et al. 2017,
+/// "Attention Is All You Need", eq. 1), one row per query and one column per key.
+
+#include <cmath>
+#include <sstream>
+
+#include <Eigen/Core>
+
+#include "detail/eigen_types.hpp"
+#include "error.hpp"
+
+namespace attn {
+
+/// 1/√d_k, the scale of Vaswani et al.: it keeps the variance of q·k near 1 whatever d_k,
+/// so the softmax does not saturate. Computed in double and rounded once to `Scalar`.
+template <typename Scalar>
+Scalar default_scale(Eigen::Index d_k) {
+  detail::require_floating_point<Scalar>();
+  if (d_k <= 0) {
+    std::ostringstream message;
+    message << "attn::default_scale: d_k must be positive, got " << d_k;
+    detail::throw_invalid_argument(message.str());
+  }
+  return static_cast<Scalar>(1.0 / std::sqrt(static_cast<double>(d_k)));
+}
+
+namespace detail {
+
+template <typename DerivedQ, typename DerivedK>
+void check_scores(const char* operation, const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                  typename DerivedQ::Scalar scale) {
+  require_floating_point<typename DerivedQ::Scalar>();
+  require_same_scalar<DerivedQ, DerivedK>();
+  static_assert(extents_compatible(DerivedQ::ColsAtCompileTime, DerivedK::ColsAtCompileTime),
+                "attn::scaled_scores: q and k must have the same number of columns (d_k)");
+  require_extents_match(operation, operand("q", q), Extent::columns, operand("k", k), Extent::columns);
+  require_valid_scale(operation, scale);
+}
+
+}  // namespace detail
+
+/// out = scale·q·kᵀ, written into caller storage: (n_q×d_k), (n_k×d_k) → n_q×n_k.
+/// `scale` must be finite and positive; `out` must not alias `q` or `k`.
+template <typename DerivedQ, typename DerivedK, typename Out>
+void scaled_scores_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                        typename DerivedQ::Scalar scale, Out&& out) {
+  detail::require_writable<Out>();
+  detail::check_scores("attn::scaled_scores_into", q, k, scale);
+  detail::fit_output("attn::scaled_scores_into", "out", out, q.rows(), k.rows());
+  // scores: (n_q × n_k); the scale rides along as the product's alpha, at no extra pass.
+  out.noalias() = scale * (q * k.transpose());
+}
+
+/// scale·q·kᵀ as a new n_q×n_k matrix, fixed-size when q and k are.
+template <typename DerivedQ, typename DerivedK>
+auto scaled_scores(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                   typename DerivedQ::Scalar scale) {
+  detail::check_scores("attn::scaled_scores", q, k, scale);
+  detail::plain_matrix<typename DerivedQ::Scalar, DerivedQ::RowsAtCompileTime, DerivedK::RowsAtCompileTime> out(
+      q.rows(), k.rows());
+  out.noalias() = scale * (q * k.transpose());
+  return out;
+}
+
+}  // namespace attn
