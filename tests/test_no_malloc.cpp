@@ -1,0 +1,109 @@
+// The no-hidden-allocation promise: fixed-size attention never touches the heap, and a
+// loop of `_into` calls that reuses its buffers allocates nothing after the first call.
+//
+// Eigen checks every heap allocation against set_is_malloc_allowed when
+// EIGEN_RUNTIME_NO_MALLOC is defined, through eigen_assert; that assertion is redirected
+// to an exception here so the check also holds in release builds (NDEBUG).
+
+#include <stdexcept>
+#include <string>
+
+namespace attn_test {
+struct eigen_assertion_failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+}  // namespace attn_test
+
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#define EIGEN_RUNTIME_NO_MALLOC
+#endif
+#define eigen_assert(condition)                                                         \
+  do {                                                                                  \
+    if (!(condition)) throw ::attn_test::eigen_assertion_failure("eigen_assert: " #condition); \
+  } while (false)
+
+#include <attn/attn.hpp>
+
+#include "attn_test.hpp"
+#include "reference.hpp"
+
+using Eigen::Index;
+
+namespace {
+
+/// Forbids heap allocation for its lifetime.
+class HeapForbidden {
+ public:
+  HeapForbidden() { Eigen::internal::set_is_malloc_allowed(false); }
+  ~HeapForbidden() { Eigen::internal::set_is_malloc_allowed(true); }
+  HeapForbidden(const HeapForbidden&) = delete;
+  HeapForbidden& operator=(const HeapForbidden&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("the guard catches an allocation (so the tests below can fail)", "[no_malloc]") {
+  HeapForbidden forbidden;
+  CHECK_THROWS_AS(Eigen::MatrixXf(64, 64), attn_test::eigen_assertion_failure);
+}
+
+TEMPLATE_TEST_CASE("the worked example runs fixed-size with the heap forbidden", "[no_malloc][golden]", float, double) {
+  using Scalar = TestType;
+  Eigen::Matrix<Scalar, 3, 4> x;
+  x << 1, 0, 1, 0, 0, 2, 0, 2, 1, 1, 1, 1;
+  Eigen::Matrix<Scalar, 4, 3> w_key, w_query, w_value;
+  w_key << 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0;
+  w_query << 1, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1;
+  w_value << 0, 2, 0, 0, 3, 0, 1, 0, 3, 1, 1, 0;
+  Eigen::Matrix<Scalar, 3, 3> outputs, weights;
+
+  {
+    HeapForbidden forbidden;
+    const attn::QKVProjection<Scalar, 4, 3, 3> projection(w_query, w_key, w_value);
+    attn::AttentionOptions<Scalar> unscaled;
+    unscaled.scale = Scalar(1);
+    outputs = attn::self_attention(x, projection, unscaled, weights);
+  }
+  const double tol = std::is_same_v<Scalar, float> ? 1e-6 : 1e-9;
+  CHECK_THAT(double(outputs(0, 0)), attn_test::WithinRel(1.9366210617, tol));
+  CHECK_THAT(double(outputs(1, 1)), attn_test::WithinRel(7.9639915951, tol));
+  CHECK_THAT(double(outputs(2, 2)), attn_test::WithinRel(0.3583892947, tol));
+  CHECK_THAT(double(weights(0, 1)), attn_test::WithinRel(0.4683105308, tol));
+}
+
+TEMPLATE_TEST_CASE("a loop of _into calls reusing its buffers allocates nothing", "[no_malloc]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const Index n = 24, d_model = 16, d_k = 8, d_v = 8;
+  const Matrix x = attn_test::random_matrix<Scalar>(n, d_model, 1);
+  const attn::QKVProjection<Scalar> projection(attn_test::random_matrix<Scalar>(d_model, d_k, 2),
+                                               attn_test::random_matrix<Scalar>(d_model, d_k, 3),
+                                               attn_test::random_matrix<Scalar>(d_model, d_v, 4),
+                                               attn_test::random_matrix<Scalar>(1, d_k, 5),
+                                               attn_test::random_matrix<Scalar>(1, d_k, 6),
+                                               attn_test::random_matrix<Scalar>(1, d_v, 7));
+  const Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> keep = attn_test::random_keep_mask(n, n, 8, 0.8);
+  const Matrix bias = attn_test::random_matrix<Scalar>(n, n, 9);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = true;
+  options.mask = keep;
+  options.bias = bias;
+  options.valid_keys = n - 2;
+
+  Matrix q, k, v, scores, out, weights;
+  const auto step = [&] {
+    projection.project_into(x, q, k, v);
+    attn::scaled_scores_into(q, k, attn::default_scale<Scalar>(d_k), scores);
+    attn::mask_scores_inplace(scores, options);
+    attn::softmax_rows_inplace(scores);
+    attn::attention_into(q, k, v, options, out, weights);
+  };
+  step();  // sizes the buffers
+  const Matrix first = out;
+  {
+    HeapForbidden forbidden;
+    for (int iteration = 0; iteration < 3; ++iteration) REQUIRE_NOTHROW(step());
+  }
+  CHECK(out == first);
+  CHECK(attn_test::max_abs_difference(scores, weights) <= attn_test::tolerance<Scalar>(d_k, n));
+}
