@@ -339,6 +339,7 @@ TEMPLATE_TEST_CASE("empty sequences are legal", "[attention][empty]", float, dou
     const Matrix<Scalar> v = random_matrix<Scalar>(3, 2, 62);
     Matrix<Scalar> weights;
     const Matrix<Scalar> output = attn::attention(q, k, v, causal, weights);
+    CHECK(attn::attention(q, k, v, causal).rows() == 0);
     CHECK(output.rows() == 0);
     CHECK(output.cols() == 2);
     CHECK(weights.rows() == 0);
@@ -355,6 +356,8 @@ TEMPLATE_TEST_CASE("empty sequences are legal", "[attention][empty]", float, dou
     CHECK(output.isZero(0));
     CHECK(weights.rows() == 3);
     CHECK(weights.cols() == 0);
+    // Without weights attn keeps its own row-major scratch, masked along the other path.
+    CHECK(attn::attention(q, k, v, causal).isZero(0));
     Matrix<Scalar> out = Matrix<Scalar>::Constant(3, 2, Scalar(9));
     attn::attention_into(q, k, v, attn::AttentionOptions<Scalar>{}, out, weights);
     CHECK(out.isZero(0));

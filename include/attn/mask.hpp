@@ -53,6 +53,8 @@ void mask_scores_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOp
   constexpr Scalar masked = -std::numeric_limits<Scalar>::infinity();
   const Eigen::Index n_q = scores.rows();
   const Eigen::Index n_k = scores.cols();
+  // An empty matrix may have a null data pointer that not even a zero-length row may offset.
+  if (n_q == 0 || n_k == 0) return;
   if (!options.bias.empty()) scores += options.bias.map();
   if (!options.mask.empty()) {
     for (Eigen::Index key = 0; key < n_k; ++key) {

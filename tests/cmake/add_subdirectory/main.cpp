@@ -1,0 +1,29 @@
+// The smallest useful attn program: a row softmax whose rows must each sum to 1.
+#include <attn/attn.hpp>
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstdio>
+
+int main() {
+  Eigen::MatrixXd m(2, 3);
+  m << 1.0, 2.0, 3.0,
+      -1.0, 0.0, 1000.0;
+  const Eigen::MatrixXd p = attn::softmax_rows(m);
+  if (p.rows() != 2 || p.cols() != 3) {
+    std::fprintf(stderr, "softmax_rows returned %ldx%ld, expected 2x3\n",
+                 static_cast<long>(p.rows()), static_cast<long>(p.cols()));
+    return 1;
+  }
+  for (Eigen::Index i = 0; i < p.rows(); ++i) {
+    const double sum = p.row(i).sum();
+    if (!(std::abs(sum - 1.0) <= 1e-12)) {
+      std::fprintf(stderr, "row %ld of softmax_rows sums to %.17g, expected 1\n",
+                   static_cast<long>(i), sum);
+      return 1;
+    }
+  }
+  std::printf("attn consumer: softmax rows sum to 1\n");
+  return 0;
+}
