@@ -7,6 +7,7 @@
 #include <limits>
 #include <optional>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -22,6 +23,9 @@ struct ReferenceMasks {
   std::optional<Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>> keep;  // true = may attend
   std::optional<Eigen::MatrixXd> bias;                                    // −∞ entries mask
   std::optional<Index> valid_keys;
+  // FlashAttention's window_size: keys within [i + n_k − n_q − left, i + n_k − n_q + right],
+  // −1 = unbounded on that side.
+  std::optional<std::pair<Index, Index>> window;
 };
 
 struct ReferenceResult {
@@ -47,6 +51,11 @@ inline ReferenceResult reference_attention(const Eigen::MatrixXd& q, const Eigen
       if (masks.causal && j > i + (n_k - n_q)) keep = false;
       if (masks.keep && !(*masks.keep)(i, j)) keep = false;
       if (masks.valid_keys && j >= *masks.valid_keys) keep = false;
+      if (masks.window) {
+        const auto [left, right] = *masks.window;
+        if (left >= 0 && j < i + (n_k - n_q) - left) keep = false;
+        if (right >= 0 && j > i + (n_k - n_q) + right) keep = false;
+      }
       double s = 0.0;
       for (Index d = 0; d < d_k; ++d) s += q(i, d) * k(j, d);
       s *= scale;

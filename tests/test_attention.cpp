@@ -26,7 +26,7 @@ using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
 
 namespace {
 
-enum class MaskKind { none, causal, keep_mask, bias, valid_keys, all };
+enum class MaskKind { none, causal, keep_mask, bias, valid_keys, window, all };
 
 const char* name(MaskKind kind) {
   switch (kind) {
@@ -35,6 +35,7 @@ const char* name(MaskKind kind) {
     case MaskKind::keep_mask: return "keep_mask";
     case MaskKind::bias: return "bias";
     case MaskKind::valid_keys: return "valid_keys";
+    case MaskKind::window: return "window";
     case MaskKind::all: return "all";
   }
   return "?";
@@ -60,7 +61,8 @@ TEMPLATE_TEST_CASE("attention matches the loop reference for every mask kind", "
   const auto [n_q, n_k, d_k, d_v] = GENERATE(table<Index, Index, Index, Index>(
       {{1, 1, 1, 1}, {3, 3, 3, 3}, {5, 9, 4, 6}, {9, 5, 8, 3}, {16, 16, 16, 16}, {33, 47, 64, 32}, {70, 41, 12, 80}}));
   const MaskKind kind =
-      GENERATE(MaskKind::none, MaskKind::causal, MaskKind::keep_mask, MaskKind::bias, MaskKind::valid_keys, MaskKind::all);
+      GENERATE(MaskKind::none, MaskKind::causal, MaskKind::keep_mask, MaskKind::bias, MaskKind::valid_keys,
+               MaskKind::window, MaskKind::all);
   INFO("n_q=" << n_q << " n_k=" << n_k << " d_k=" << d_k << " d_v=" << d_v << " mask=" << name(kind));
   const auto seed = static_cast<std::uint32_t>(((n_q * 131 + n_k) * 17 + d_k) * 7 + d_v);
   const Matrix<Scalar> q = random_matrix<Scalar>(n_q, d_k, seed, 2.0);
@@ -88,6 +90,11 @@ TEMPLATE_TEST_CASE("attention matches the loop reference for every mask kind", "
   if (kind == MaskKind::valid_keys || all) {
     options.valid_keys = (n_k * 2 + 2) / 3;
     masks.valid_keys = options.valid_keys;
+  }
+  if (kind == MaskKind::window || all) {
+    // A window reaching 3 keys back and 2 ahead (the ahead side is cut to 0 by causal).
+    options.window = attn::SlidingWindow{3, 2};
+    masks.window = std::pair<Index, Index>{3, all ? 0 : 2};
   }
 
   const Scalar scale = attn::default_scale<Scalar>(d_k);
@@ -165,6 +172,39 @@ TEMPLATE_TEST_CASE("causal attention is aligned bottom-right", "[attention][mask
     CHECK(by_flag == by_mask);
     CHECK(flag_weights.template triangularView<Eigen::StrictlyUpper>().toDenseMatrix().isZero(0));
   }
+}
+
+TEMPLATE_TEST_CASE("a sliding window equals its explicit mask, one-sided or two-sided", "[attention][mask]", float,
+                   double) {
+  using Scalar = TestType;
+  const auto [n_q, n_k] = GENERATE(table<Index, Index>({{6, 6}, {3, 8}, {8, 3}, {1, 1}}));
+  const auto [left, right] = GENERATE(table<Index, Index>({{2, 1}, {0, 0}, {-1, 1}, {2, -1}, {-1, -1}}));
+  INFO(n_q << "x" << n_k << " window (" << left << ", " << right << ")");
+  const Matrix<Scalar> q = random_matrix<Scalar>(n_q, 4, 71);
+  const Matrix<Scalar> k = random_matrix<Scalar>(n_k, 4, 72);
+  const Matrix<Scalar> v = random_matrix<Scalar>(n_k, 3, 73);
+  const BoolMatrix explicit_keep = attn::sliding_window_mask(n_q, n_k, attn::SlidingWindow{left, right});
+  for (Index i = 0; i < n_q; ++i) {
+    for (Index j = 0; j < n_k; ++j) {
+      const Index diagonal = i + n_k - n_q;
+      CHECK(explicit_keep(i, j) == ((left < 0 || j >= diagonal - left) && (right < 0 || j <= diagonal + right)));
+    }
+  }
+  attn::AttentionOptions<Scalar> windowed;
+  windowed.window = attn::SlidingWindow{left, right};
+  attn::AttentionOptions<Scalar> masked;
+  masked.mask = explicit_keep;
+  Matrix<Scalar> windowed_weights, masked_weights;
+  RowMajorMatrix<Scalar> row_major_weights;
+  CHECK(attn::attention(q, k, v, windowed, windowed_weights) == attn::attention(q, k, v, masked, masked_weights));
+  CHECK(windowed_weights == masked_weights);
+  attn::attention(q, k, v, windowed, row_major_weights);
+  CHECK(max_abs_difference(row_major_weights, masked_weights) <= tolerance<Scalar>(4, n_k));
+  // With causal, the window's right side is 0.
+  windowed.causal = true;
+  const BoolMatrix causal_keep = explicit_keep.array() && attn::causal_mask(n_q, n_k).array();
+  masked.mask = causal_keep;
+  CHECK(attn::attention(q, k, v, windowed, windowed_weights) == attn::attention(q, k, v, masked, masked_weights));
 }
 
 TEMPLATE_TEST_CASE("key padding equals its explicit mask", "[attention][mask]", float, double) {

@@ -81,6 +81,14 @@ TEST_CASE("attention rejects mismatched operands and options", "[errors]") {
   padding.valid_keys = 5;
   CHECK_NOTHROW(attn::attention(q, k, v, padding));
 
+  attn::AttentionOptionsf windowed;
+  windowed.window = attn::SlidingWindow{-2, 0};
+  CHECK_THROWS_WITH(attn::attention(q, k, v, windowed),
+                    "attn::attention: window sides must be -1 (unbounded) or at least 0, got left = -2, right = 0");
+  attn::AttentionOptionsf threads;
+  threads.num_threads = -1;
+  CHECK_THROWS_WITH(attn::attention(q, k, v, threads), "attn::attention: num_threads must be 0 (all) or positive, got -1");
+
   MatrixXf out, weights;
   CHECK_THROWS_WITH(attn::attention_into(q, k, MatrixXf(MatrixXf::Ones(6, 2)), options, out, weights),
                     ContainsSubstring("attn::attention_into: k has 5 rows but v has 6"));

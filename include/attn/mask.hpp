@@ -24,16 +24,25 @@ constexpr bool causal_allows(Eigen::Index query, Eigen::Index key, Eigen::Index 
   return key <= query + (n_k - n_q);
 }
 
-/// How many leading keys query i may attend under the causal rule (0 … n_k).
-constexpr Eigen::Index causal_key_count(Eigen::Index query, Eigen::Index n_q, Eigen::Index n_k) noexcept {
-  return std::clamp<Eigen::Index>(query + (n_k - n_q) + 1, 0, n_k);
-}
 
 /// The causal rule as an explicit n_q×n_k matrix.
 inline MaskMatrix causal_mask(Eigen::Index n_q, Eigen::Index n_k) {
   MaskMatrix mask(n_q, n_k);
   for (Eigen::Index key = 0; key < n_k; ++key) {
     for (Eigen::Index query = 0; query < n_q; ++query) mask(query, key) = causal_allows(query, key, n_q, n_k);
+  }
+  return mask;
+}
+
+/// Sliding-window attention as an explicit n_q×n_k matrix (see `AttentionOptions::window`).
+inline MaskMatrix sliding_window_mask(Eigen::Index n_q, Eigen::Index n_k, SlidingWindow window) {
+  MaskMatrix mask(n_q, n_k);
+  const Eigen::Index offset = n_k - n_q;
+  for (Eigen::Index key = 0; key < n_k; ++key) {
+    for (Eigen::Index query = 0; query < n_q; ++query) {
+      mask(query, key) = (window.left < 0 || key >= query + offset - window.left) &&
+                         (window.right < 0 || key <= query + offset + window.right);
+    }
   }
   return mask;
 }
@@ -46,6 +55,49 @@ inline MaskMatrix key_padding_mask(Eigen::Index n_q, Eigen::Index n_k, Eigen::In
 }
 
 namespace detail {
+
+/// The rules that depend only on positions (causal, window, valid_keys) keep, for each
+/// query, one contiguous band of keys, and for each key one contiguous band of queries:
+/// both bands move right as the other index grows. Masking and the tiled kernel's tile
+/// skipping both work from these bounds.
+class KeyBand {
+ public:
+  template <typename Scalar>
+  KeyBand(const AttentionOptions<Scalar>& options, Eigen::Index n_q, Eigen::Index n_k)
+      : n_q_(n_q),
+        offset_(n_k - n_q),
+        left_(options.window ? options.window->left : -1),
+        right_(options.causal ? 0 : (options.window ? options.window->right : -1)),
+        key_end_(options.valid_keys ? *options.valid_keys : n_k) {}
+
+  /// Query i may attend keys [key_first(i), key_end(i)); empty when key_end ≤ key_first.
+  Eigen::Index key_first(Eigen::Index query) const noexcept {
+    return left_ < 0 ? 0 : std::clamp<Eigen::Index>(query + offset_ - left_, 0, key_end_);
+  }
+  Eigen::Index key_end(Eigen::Index query) const noexcept {
+    const Eigen::Index end = right_ < 0 ? key_end_ : std::clamp<Eigen::Index>(query + offset_ + right_ + 1, 0, key_end_);
+    return std::max(end, key_first(query));
+  }
+  /// Key j may be attended by queries [query_first(j), query_end(j)).
+  Eigen::Index query_first(Eigen::Index key) const noexcept {
+    if (key >= key_end_) return n_q_;
+    return right_ < 0 ? 0 : std::clamp<Eigen::Index>(key - offset_ - right_, 0, n_q_);
+  }
+  Eigen::Index query_end(Eigen::Index key) const noexcept {
+    if (key >= key_end_) return n_q_;
+    const Eigen::Index end = left_ < 0 ? n_q_ : std::clamp<Eigen::Index>(key - offset_ + left_ + 1, 0, n_q_);
+    return std::max(end, query_first(key));
+  }
+  /// One past the last key any query may attend: keys beyond it are padding.
+  Eigen::Index key_limit() const noexcept { return key_end_; }
+
+ private:
+  Eigen::Index n_q_;
+  Eigen::Index offset_;
+  Eigen::Index left_;   // −1: unbounded
+  Eigen::Index right_;  // −1: unbounded
+  Eigen::Index key_end_;
+};
 
 /// Adds the bias and sets every masked score to −∞, without checking the options.
 template <typename Derived, typename Scalar>
@@ -63,19 +115,23 @@ void mask_scores_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOp
       }
     }
   }
-  if (options.valid_keys) scores.rightCols(n_k - *options.valid_keys).setConstant(masked);
-  if (options.causal) {
-    // Walk the storage order: row tails for row-major, column heads for column-major
+  if (options.causal || options.window || options.valid_keys) {
+    const KeyBand band(options, n_q, n_k);
+    // Walk the storage order: row ends for row-major, column ends for column-major
     // (strided writes across a column-major matrix cost ~100× more at n = 1024).
     if constexpr (Derived::IsRowMajor) {
       for (Eigen::Index query = 0; query < n_q; ++query) {
-        scores.row(query).tail(n_k - causal_key_count(query, n_q, n_k)).setConstant(masked);
+        const Eigen::Index first = band.key_first(query);
+        const Eigen::Index end = band.key_end(query);
+        scores.row(query).head(first).setConstant(masked);
+        scores.row(query).tail(n_k - end).setConstant(masked);
       }
     } else {
       for (Eigen::Index key = 0; key < n_k; ++key) {
-        // Queries i < key − (n_k − n_q) come before this key.
-        const Eigen::Index blind_queries = std::clamp<Eigen::Index>(key - (n_k - n_q), 0, n_q);
-        scores.col(key).head(blind_queries).setConstant(masked);
+        const Eigen::Index first = band.query_first(key);
+        const Eigen::Index end = band.query_end(key);
+        scores.col(key).head(first).setConstant(masked);
+        scores.col(key).tail(n_q - end).setConstant(masked);
       }
     }
   }

@@ -26,6 +26,10 @@ namespace attn {
 /// - `mask`: an n_q×n_k bool matrix, `true` = may attend (the opposite of PyTorch's boolean
 ///   `attn_mask` and `key_padding_mask`, where `true` = masked).
 /// - `valid_keys`: keys 0 … valid_keys−1 are real, the rest are padding.
+/// - `window`: sliding-window (local) attention as FlashAttention's `window_size`, with
+///   the same bottom-right alignment: j ≥ i + (n_k − n_q) − left and
+///   j ≤ i + (n_k − n_q) + right, where −1 leaves that side unbounded. With `causal`, the
+///   right side is 0 whatever `right` says.
 /// - `bias`: an n_q×n_k matrix added to the scaled scores (ALiBi, relative positions, a
 ///   float mask); an entry of −∞ masks its key as the rules above do.
 ///
@@ -33,6 +37,12 @@ namespace attn {
 /// never NaN (PyTorch's MultiheadAttention returns NaN there).
 ///
 /// `mask` and `bias` are views: the matrices they refer to must outlive the call.
+/// A sliding window of keys around each query's diagonal; −1 = unbounded on that side.
+struct SlidingWindow {
+  Eigen::Index left = -1;
+  Eigen::Index right = -1;
+};
+
 template <typename Scalar>
 struct AttentionOptions {
   /// Multiplies Q·Kᵀ; must be finite and positive. Absent: 1/√d_k (`attn::default_scale`).
@@ -41,6 +51,11 @@ struct AttentionOptions {
   MatrixView<bool> mask;
   MatrixView<Scalar> bias;
   std::optional<Eigen::Index> valid_keys;
+  std::optional<SlidingWindow> window;
+  /// Threads for the tiled kernel (`flash_attention`): 1 = sequential, 0 = as many as
+  /// OpenMP offers. Without OpenMP the kernel runs sequentially whatever this says. The
+  /// result is bitwise the same for every thread count. The reference path ignores it.
+  int num_threads = 1;
 };
 
 using AttentionOptionsf = AttentionOptions<float>;
@@ -62,6 +77,17 @@ void validate_options(const char* operation, const AttentionOptions<Scalar>& opt
   if (options.valid_keys && (*options.valid_keys < 0 || *options.valid_keys > n_k)) {
     std::ostringstream message;
     message << operation << ": valid_keys must be between 0 and n_k = " << n_k << ", got " << *options.valid_keys;
+    throw_invalid_argument(message.str());
+  }
+  if (options.window && (options.window->left < -1 || options.window->right < -1)) {
+    std::ostringstream message;
+    message << operation << ": window sides must be -1 (unbounded) or at least 0, got left = "
+            << options.window->left << ", right = " << options.window->right;
+    throw_invalid_argument(message.str());
+  }
+  if (options.num_threads < 0) {
+    std::ostringstream message;
+    message << operation << ": num_threads must be 0 (all) or positive, got " << options.num_threads;
     throw_invalid_argument(message.str());
   }
 }
