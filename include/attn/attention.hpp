@@ -4,8 +4,16 @@
 /// Is All You Need", eq. 1): O = softmax(scale·Q·Kᵀ + bias, masked)·V, and self-attention
 /// from a token matrix X through a `QKVProjection`.
 ///
-/// This is the reference path: it materialises the n_q×n_k weight matrix P, which is what
-/// a caller who asks for the weights wants, and costs n_q·n_k scalars of memory.
+/// Which path runs when:
+/// - asking for the weights (`attention(q, k, v, options, weights)`, `attention_into`,
+///   `self_attention(…, weights)`) runs the reference path here: it materialises the
+///   n_q×n_k weight matrix P, which is what such a caller wants, at n_q·n_k scalars of
+///   memory;
+/// - `attention(q, k, v[, options])` and `self_attention(x, projection[, options])` without
+///   weights run the tiled kernel of flash.hpp on dynamic-size inputs (O(n·d) memory, threads
+///   per `options.num_threads`), and the reference path on fully fixed-size inputs, where it
+///   stays on the stack with no allocation at all.
+/// Both give the same results to rounding (tests/test_flash.cpp).
 
 #include <string>
 
@@ -13,6 +21,7 @@
 
 #include "detail/eigen_types.hpp"
 #include "error.hpp"
+#include "flash.hpp"
 #include "mask.hpp"
 #include "options.hpp"
 #include "projection.hpp"
@@ -79,16 +88,27 @@ void attention_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBas
   detail::attention_unchecked(q, k, v, options, out, weights);
 }
 
-/// Attention as a new n_q×d_v matrix, fixed-size (and heap-free) when the inputs are.
+/// Attention as a new n_q×d_v matrix: the tiled kernel for dynamic sizes, the reference
+/// path (fixed-size, heap-free) when every size is fixed.
 template <typename DerivedQ, typename DerivedK, typename DerivedV>
 auto attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
                const Eigen::MatrixBase<DerivedV>& v, const AttentionOptions<typename DerivedQ::Scalar>& options = {}) {
   using Scalar = typename DerivedQ::Scalar;
   detail::check_attention("attn::attention", q, k, v, options);
   detail::plain_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedV::ColsAtCompileTime> out(q.rows(), v.cols());
-  detail::row_major_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedK::RowsAtCompileTime> weights(q.rows(),
-                                                                                                     k.rows());
-  detail::attention_unchecked(q, k, v, options, out, weights);
+  constexpr bool fixed_size = DerivedQ::SizeAtCompileTime != Eigen::Dynamic &&
+                              DerivedK::SizeAtCompileTime != Eigen::Dynamic &&
+                              DerivedV::SizeAtCompileTime != Eigen::Dynamic;
+  if constexpr (!fixed_size) {
+    Workspace<Scalar> workspace;
+    detail::grow_to(workspace.lse, q.rows(), 1);
+    auto lse = workspace.lse.topLeftCorner(q.rows(), 1);
+    detail::flash_attention_unchecked<0, 0>(q, k, v, Heads{}, options, Mods<>{}, out, lse, workspace);
+  } else {
+    detail::row_major_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedK::RowsAtCompileTime> weights(q.rows(),
+                                                                                                       k.rows());
+    detail::attention_unchecked(q, k, v, options, out, weights);
+  }
   return out;
 }
 

@@ -12,4 +12,6 @@
 #include "weighted_sum.hpp"
 #include "options.hpp"
 #include "mask.hpp"
+#include "merge.hpp"
+#include "flash.hpp"
 #include "attention.hpp"

@@ -26,15 +26,43 @@ namespace detail {
 /// vectorises the max, exp and sum passes across rows.
 inline constexpr Eigen::Index softmax_row_chunk = 32;
 
-/// exp of scores already shifted by their row maximum (so ≤ 0), flushed to exactly 0 below
-/// the smallest normal number. Eigen's vectorised exp clamps its argument instead of
-/// underflowing, so exp(−∞) and exp(−2e4) would come out as ~1e-38 rather than 0: a masked
-/// key would keep a sliver of weight, and an all-masked row would turn uniform.
+/// exp(x), flushed to exactly 0 where it would be below the smallest normal number.
+/// Eigen's vectorised exp clamps its argument instead of underflowing, so exp(−∞) and
+/// exp(−2e4) come out as ~1e-38 rather than 0: a masked key would keep a sliver of
+/// weight, and an all-masked row would turn uniform. A functor rather than
+/// `(x < t).select(0, x.exp())` because Eigen 3.4 does not vectorise `select`, and a
+/// scalar exp per score costs the tiled kernel a quarter of its time. NaN stays NaN.
+template <typename Scalar>
+struct flushed_exp_op {
+  Scalar underflow = std::log(std::numeric_limits<Scalar>::min());
+
+  Scalar operator()(Scalar x) const { return x < underflow ? Scalar(0) : std::exp(x); }
+
+  template <typename Packet>
+  Packet packetOp(const Packet& x) const {
+    namespace internal = Eigen::internal;
+    // pandnot(a, b) = a & ~b: zero the lanes where x < underflow, keep the rest.
+    return internal::pandnot(internal::pexp(x), internal::pcmp_lt(x, internal::pset1<Packet>(underflow)));
+  }
+};
+
+}  // namespace detail
+}  // namespace attn
+
+namespace Eigen::internal {
+template <typename Scalar>
+struct functor_traits<attn::detail::flushed_exp_op<Scalar>> {
+  enum { Cost = functor_traits<scalar_exp_op<Scalar>>::Cost + 2, PacketAccess = packet_traits<Scalar>::HasExp };
+};
+}  // namespace Eigen::internal
+
+namespace attn {
+namespace detail {
+
+/// exp of scores already shifted by their row maximum (so ≤ 0), flushed to 0 on underflow.
 template <typename Derived>
 auto exp_of_shifted(const Eigen::ArrayBase<Derived>& shifted) {
-  using Scalar = typename Derived::Scalar;
-  const Scalar underflow = std::log(std::numeric_limits<Scalar>::min());
-  return (shifted < underflow).select(Scalar(0), shifted.exp());
+  return shifted.unaryExpr(flushed_exp_op<typename Derived::Scalar>{});
 }
 
 template <typename Rows>

@@ -4,6 +4,7 @@
 /// matrix types results are returned in, and how caller-owned outputs are checked and sized.
 
 #include <type_traits>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -32,12 +33,21 @@ template <typename Scalar, int Rows, int Cols>
 using row_major_matrix =
     Eigen::Matrix<Scalar, Rows, Cols, (Cols == 1 && Rows != 1) ? Eigen::ColMajor : Eigen::RowMajor>;
 
+/// Whether T derives from some MatrixBase<D>. Not is_base_of<MatrixBase<T>, T>: a
+/// VectorBlock, say, derives from MatrixBase of the Block it extends.
+template <typename Derived>
+std::true_type derives_from_matrix_base(const Eigen::MatrixBase<Derived>*);
+std::false_type derives_from_matrix_base(...);
+
+template <typename T>
+inline constexpr bool is_matrix_v = decltype(derives_from_matrix_base(std::declval<T*>()))::value;
+
 /// True for an Eigen matrix expression that can be written to: a Matrix, a Map, a Ref or a
 /// block of one, passed as a non-const lvalue or as a temporary view.
 template <typename Out>
 inline constexpr bool is_writable_matrix_v = [] {
   using Bare = std::remove_cv_t<std::remove_reference_t<Out>>;
-  if constexpr (!std::is_base_of_v<Eigen::MatrixBase<Bare>, Bare>) {
+  if constexpr (!is_matrix_v<Bare>) {
     return false;
   } else {
     return !std::is_const_v<std::remove_reference_t<Out>> &&

@@ -1,0 +1,67 @@
+#pragma once
+/// @file
+/// Combining two attention results computed over disjoint sets of keys, through their
+/// log-sum-exp (the "online softmax" identity of Milakov & Gimelshein 2018, used by
+/// FlashAttention to split keys across tiles and threads).
+
+#include <cmath>
+#include <limits>
+
+#include <Eigen/Core>
+
+#include "detail/eigen_types.hpp"
+#include "error.hpp"
+
+namespace attn {
+
+/// Merges the attention of the same queries over a second, disjoint set of keys into the
+/// first: with O_a, lse_a over keys A and O_b, lse_b over keys B, afterwards `out` and `lse`
+/// hold the attention over A ∪ B, exactly as if computed at once (up to rounding):
+///
+///     lse = log(exp(lse_a) + exp(lse_b)),  O = exp(lse_a − lse)·O_a + exp(lse_b − lse)·O_b.
+///
+/// `out` is n_q×(H·d_v) with heads as column blocks, `lse` is n_q×H (natural log; −∞ for a
+/// query that attends no key, whose output row is zero). A side with lse = −∞ contributes
+/// nothing; both −∞ give zeros and −∞.
+template <typename OutA, typename LseA, typename DerivedOutB, typename DerivedLseB>
+void merge_into(OutA&& out, LseA&& lse, const Eigen::MatrixBase<DerivedOutB>& other_out,
+                const Eigen::MatrixBase<DerivedLseB>& other_lse) {
+  detail::require_writable<OutA>();
+  detail::require_writable<LseA>();
+  using Scalar = typename std::decay_t<OutA>::Scalar;
+  detail::require_same_scalar<std::decay_t<OutA>, std::decay_t<LseA>, DerivedOutB, DerivedLseB>();
+  constexpr const char* operation = "attn::merge_into";
+  using detail::Extent;
+  using detail::operand;
+  detail::require_shape(operation, operand("other_out", other_out), out.rows(), out.cols(), "out's shape");
+  detail::require_shape(operation, operand("other_lse", other_lse), lse.rows(), lse.cols(), "lse's shape");
+  detail::require_extents_match(operation, operand("out", out), Extent::rows, operand("lse", lse), Extent::rows);
+  const Eigen::Index num_heads = lse.cols();
+  if (num_heads == 0 ? out.cols() != 0 : out.cols() % num_heads != 0) {
+    detail::throw_dimension_error(std::string(operation) + ": out has " + std::to_string(out.cols()) +
+                                  " columns, not a multiple of lse's " + std::to_string(num_heads) + " heads");
+  }
+  if (num_heads == 0) return;
+  const Eigen::Index d_v = out.cols() / num_heads;
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  for (Eigen::Index head = 0; head < num_heads; ++head) {
+    for (Eigen::Index row = 0; row < out.rows(); ++row) {
+      const Scalar lse_a = lse(row, head);
+      const Scalar lse_b = other_lse(row, head);
+      const Scalar lse_max = std::max(lse_a, lse_b);
+      auto out_row = out.row(row).segment(head * d_v, d_v);
+      if (lse_max == minus_infinity) {
+        out_row.setZero();
+        continue;
+      }
+      // Shifting by the larger lse keeps both weights in (0, 1]: nothing overflows.
+      const Scalar weight_a = std::exp(lse_a - lse_max);
+      const Scalar weight_b = std::exp(lse_b - lse_max);
+      const Scalar total = weight_a + weight_b;
+      out_row = (weight_a / total) * out_row + (weight_b / total) * other_out.row(row).segment(head * d_v, d_v);
+      lse(row, head) = lse_max + std::log(total);
+    }
+  }
+}
+
+}  // namespace attn
