@@ -107,3 +107,42 @@ TEMPLATE_TEST_CASE("a loop of _into calls reusing its buffers allocates nothing"
   CHECK(out == first);
   CHECK(attn_test::max_abs_difference(scores, weights) <= attn_test::tolerance<Scalar>(d_k, n));
 }
+
+TEMPLATE_TEST_CASE("the tiled kernel reuses its workspace without allocating", "[no_malloc][flash]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  // Several query blocks, heads with a shared K/V head, every mask; then the decode split.
+  const Index n = 150, d = 16;
+  const Matrix q = attn_test::random_matrix<Scalar>(n, 4 * d, 11);
+  const Matrix k = attn_test::random_matrix<Scalar>(n, 2 * d, 12);
+  const Matrix v = attn_test::random_matrix<Scalar>(n, 2 * d, 13);
+  const Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> keep = attn_test::random_keep_mask(n, n, 14, 0.8);
+  const Matrix bias = attn_test::random_matrix<Scalar>(n, n, 15);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = true;
+  options.mask = keep;
+  options.bias = bias;
+  options.window = attn::SlidingWindow{100, -1};
+  const Matrix q_decode = attn_test::random_matrix<Scalar>(1, 4 * d, 16);
+  const Matrix k_long = attn_test::random_matrix<Scalar>(2 * attn::split_key_chunk + 5, 2 * d, 17);
+  const Matrix v_long = attn_test::random_matrix<Scalar>(2 * attn::split_key_chunk + 5, 2 * d, 18);
+  attn::AttentionOptions<Scalar> decode_options;
+  decode_options.causal = true;
+
+  attn::Workspace<Scalar> workspace;
+  Matrix out, lse, decoded, decoded_lse;
+  const auto step = [&] {
+    attn::flash_attention_into<32, 64>(q, k, v, attn::Heads{4, 2}, options, out, lse, workspace);
+    attn::flash_attention_into<32, 64>(q, k, v, attn::Heads{4, 2}, options, out, workspace);
+    attn::flash_attention_into<32, 64>(q_decode, k_long, v_long, attn::Heads{4, 2}, decode_options, decoded,
+                                       decoded_lse, workspace);
+  };
+  step();
+  const Matrix first = out, first_decoded = decoded;
+  {
+    HeapForbidden forbidden;
+    for (int iteration = 0; iteration < 3; ++iteration) REQUIRE_NOTHROW(step());
+  }
+  CHECK(out == first);
+  CHECK(decoded == first_decoded);
+}

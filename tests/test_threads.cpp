@@ -1,0 +1,49 @@
+// The tiled kernel with OpenMP: every thread count gives bitwise the same result, because
+// each output row is reduced by one thread in a fixed order and a key split merges its
+// chunks in a fixed order. Built only when OpenMP is found (it links attn::attn_openmp).
+
+#include <attn/attn.hpp>
+
+#include "attn_test.hpp"
+#include "reference.hpp"
+
+#if !defined(_OPENMP)
+#error "test_threads.cpp must be built with OpenMP (link attn::attn_openmp)"
+#endif
+
+using Eigen::Index;
+
+TEMPLATE_TEST_CASE("results are bitwise identical whatever the thread count", "[threads]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  // Eigen would otherwise parallelise single-threaded calls' tile products itself.
+  Eigen::setNbThreads(1);
+  // (n_q, n_k): many query blocks; one query block over a long cache (the key split).
+  const auto [n_q, n_k] = GENERATE(table<Index, Index>({{300, 260}, {2, 5 * attn::split_key_chunk + 7}}));
+  const bool causal = GENERATE(false, true);
+  INFO("n_q=" << n_q << " n_k=" << n_k << " causal=" << causal);
+  const Index d = 16;
+  const Matrix q = attn_test::random_matrix<Scalar>(n_q, 4 * d, 1, 2.0);
+  const Matrix k = attn_test::random_matrix<Scalar>(n_k, 2 * d, 2, 2.0);
+  const Matrix v = attn_test::random_matrix<Scalar>(n_k, 2 * d, 3);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = causal;
+  attn::Workspace<Scalar> workspace;
+
+  Matrix sequential, sequential_lse;
+  options.num_threads = 1;
+  attn::flash_attention_into<32, 64>(q, k, v, attn::Heads{4, 2}, options, sequential, sequential_lse, workspace);
+  for (const int threads : {2, 3, 4, 0}) {
+    INFO(threads << " threads");
+    options.num_threads = threads;
+    Matrix out, lse;
+    attn::flash_attention_into<32, 64>(q, k, v, attn::Heads{4, 2}, options, out, lse, workspace);
+    CHECK(out == sequential);
+    CHECK(lse == sequential_lse);
+  }
+  // And the threaded result is right, not merely repeatable.
+  Matrix weights;
+  const Matrix reference = attn::attention(q.leftCols(d), k.leftCols(d), v.leftCols(d), options, weights);
+  CHECK(attn_test::max_abs_difference(sequential.leftCols(d), reference) <=
+        attn_test::tolerance<Scalar>(d, n_k, 2.0 * std::sqrt(double(d))));
+}
