@@ -146,3 +146,27 @@ TEMPLATE_TEST_CASE("the tiled kernel reuses its workspace without allocating", "
   CHECK(out == first);
   CHECK(decoded == first_decoded);
 }
+
+TEMPLATE_TEST_CASE("with its default tiles the kernel never allocates, for head widths up to 256", "[no_malloc][flash]",
+                   float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  // Eigen's packing buffers go to the heap past EIGEN_STACK_ALLOCATION_LIMIT; the default
+  // tiles are sized to stay under it, with partial tiles at both ends (n = 300).
+  const Index width = GENERATE(32, 64, 128, 256);
+  INFO("d = " << width);
+  const Index n = 300;
+  const Matrix q = attn_test::random_matrix<Scalar>(n, width, 21);
+  const Matrix k = attn_test::random_matrix<Scalar>(n, width, 22);
+  const Matrix v = attn_test::random_matrix<Scalar>(n, width, 23);
+  attn::AttentionOptions<Scalar> options;
+  attn::Workspace<Scalar> workspace;
+  Matrix out;
+  attn::flash_attention_into(q, k, v, attn::Heads{}, options, out, workspace);
+  const Matrix first = out;
+  {
+    HeapForbidden forbidden;
+    REQUIRE_NOTHROW(attn::flash_attention_into(q, k, v, attn::Heads{}, options, out, workspace));
+  }
+  CHECK(out == first);
+}

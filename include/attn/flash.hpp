@@ -71,18 +71,25 @@ struct Mods {
 template <typename ScoreMod, typename MaskMod>
 Mods(ScoreMod, MaskMod) -> Mods<ScoreMod, MaskMod>;
 
-/// Default tile sizes: a block of 128 queries against a block of 256 keys in float (128 in
-/// double). Measured on Zen 4 at d = 64 and 128 (benchmarks/): smaller tiles re-pack the
-/// query block for more key blocks and pay Eigen's per-product overhead more often, larger
-/// ones spill the tile out of L2. The score tile (128 KiB), the pre-scaled query block,
-/// the accumulator and the key and value blocks stay inside a core's 1–2 MiB L2. Eigen
-/// packs each tile product's operands into buffers it puts on the stack up to
-/// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB): with these tiles and d ≤ 128 (float) or
-/// d ≤ 64 (double) no product touches the heap; for larger d pass smaller tiles as the
-/// template arguments `flash_attention_into<BlockQ, BlockK>(…)`.
-inline constexpr int default_block_q = 128;
+/// Default tile sizes. Eigen packs each product's operands into buffers it keeps on the
+/// stack up to EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) and on the heap beyond, so the tiles
+/// are sized to keep every packed operand within it: then no tile product allocates, and a
+/// loop that reuses its workspace allocates nothing (tests/test_no_malloc.cpp). Within that
+/// bound, larger tiles won on Zen 4 (benchmarks/): a key block re-packs the query block it
+/// meets, and each product pays Eigen's fixed overhead. Hence 128 queries (64 in double)
+/// against 512 keys for d ≤ 64, fewer for wider heads; the weights · values product runs
+/// in slices of `pack_limit / block_q` keys. Explicit sizes are the template arguments of
+/// `flash_attention_into<BlockQ, BlockK>(…)`.
 template <typename Scalar>
-inline constexpr int default_block_k = sizeof(Scalar) <= 4 ? 256 : 128;
+inline constexpr Eigen::Index pack_limit = EIGEN_STACK_ALLOCATION_LIMIT / sizeof(Scalar);
+
+template <typename Scalar>
+inline constexpr Eigen::Index default_block_q = pack_limit<Scalar> / 256;
+
+template <typename Scalar>
+constexpr Eigen::Index default_block_k(Eigen::Index head_width) noexcept {
+  return std::clamp<Eigen::Index>(pack_limit<Scalar> / std::max<Eigen::Index>(head_width, 1), 16, 512);
+}
 
 /// With a single query block (decoding: few queries over a long cache) the keys are split
 /// into chunks of this many, computed independently and merged in order. The split
@@ -103,7 +110,7 @@ using RowMajorDynamic = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Ei
 /// One thread's scratch for one query block: everything a tile pass writes.
 template <typename Scalar>
 struct FlashSlot {
-  RowMajorDynamic<Scalar> queries;      // (block_q × d_k), pre-scaled
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> queries;  // (block_q × d_k), scaled
   RowMajorDynamic<Scalar> scores;       // (block_q × block_k), then the tile's weights
   RowMajorDynamic<Scalar> accumulator;  // (block_q × d_v), unnormalised output
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> row_max;
@@ -173,11 +180,12 @@ struct FlashProblem {
   Eigen::Index d_k;
   Eigen::Index d_v;
   Eigen::Index heads_per_kv_head;
+  Eigen::Index block_k;
 };
 
 /// Attends rows [first_query, first_query + rows) of `head` to keys [key_begin, key_end),
 /// leaving the unnormalised output, row maxima and row sums in `slot`.
-template <Eigen::Index BlockK, typename Problem, typename Scalar>
+template <typename Problem, typename Scalar>
 void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::Index head, Eigen::Index first_query,
                         Eigen::Index rows, Eigen::Index key_begin, Eigen::Index key_end) {
   using ScoreMod = std::decay_t<decltype(problem.score_mod)>;
@@ -189,7 +197,10 @@ void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::
   const KeyBand& band = problem.band;
   const Eigen::Index last_query = first_query + rows - 1;
 
-  // queries: (rows × d_k), scaled once here rather than once per score
+  // queries: (rows × d_k), scaled once per block rather than once per score. A copy,
+  // because a scaled view would make Eigen evaluate a temporary (an allocation) when a
+  // single query row turns the tile product into a matrix-vector product; column-major like
+  // Eigen's default, so that copying from a column-major q is a vectorised copy.
   auto queries = slot.queries.topLeftCorner(rows, d_k);
   queries.noalias() = problem.scale * problem.q.block(first_query, head * d_k, rows, d_k);
   // accumulator: (rows × d_v)
@@ -204,8 +215,9 @@ void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::
   // the window or the key padding are never computed.
   const Eigen::Index keys_from = std::max(key_begin, band.key_first(first_query));
   const Eigen::Index keys_to = std::min(key_end, band.key_end(last_query));
-  for (Eigen::Index first_key = keys_from; first_key < keys_to; first_key += BlockK) {
-    const Eigen::Index cols = std::min<Eigen::Index>(BlockK, keys_to - first_key);
+  const Eigen::Index block_k = problem.block_k;
+  for (Eigen::Index first_key = keys_from; first_key < keys_to; first_key += block_k) {
+    const Eigen::Index cols = std::min(block_k, keys_to - first_key);
     ++slot.tiles;
     // Whether every row of the tile may attend every key of it, band-wise.
     const bool inside_band = band.key_first(last_query) <= first_key && band.key_end(first_query) >= first_key + cols;
@@ -247,14 +259,19 @@ void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::
         continue;
       }
       const Scalar correction = row_max(r) == minus_infinity ? Scalar(0) : std::exp(row_max(r) - new_max);
-      score_row.array() -= new_max;
-      score_row.array() = exp_of_shifted(score_row.array());
+      score_row.array() = exp_of_shifted(score_row.array() - new_max);
       row_sum(r) = row_sum(r) * correction + score_row.sum();
       if (correction != Scalar(1)) accumulator.row(r) *= correction;
       row_max(r) = new_max;
     }
-    // accumulator += weights · values: (rows × cols)·(cols × d_v)
-    accumulator.noalias() += scores * problem.v.block(first_key, kv_head * d_v, cols, d_v);
+    // accumulator += weights · values: (rows × cols)·(cols × d_v), in slices of keys that
+    // keep Eigen's packed copy of the weights within its stack limit
+    const Eigen::Index slice = std::max<Eigen::Index>(16, pack_limit<Scalar> / rows);
+    for (Eigen::Index first = 0; first < cols; first += slice) {
+      const Eigen::Index count = std::min(slice, cols - first);
+      accumulator.noalias() +=
+          scores.middleCols(first, count) * problem.v.block(first_key + first, kv_head * d_v, count, d_v);
+    }
   }
 }
 
@@ -327,17 +344,17 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
                                const AttentionOptions<Scalar>& options, const Mods<ScoreMod, MaskMod>& mods, Out& out,
                                Lse& lse, Workspace<Scalar>& workspace) {
   static_assert(BlockQ >= 0 && BlockK >= 0, "attn::flash_attention: tile sizes must be positive (or 0 for the default)");
-  constexpr Eigen::Index block_q = BlockQ > 0 ? BlockQ : default_block_q;
-  constexpr Eigen::Index block_k = BlockK > 0 ? BlockK : default_block_k<Scalar>;
+  constexpr Eigen::Index block_q = BlockQ > 0 ? BlockQ : default_block_q<Scalar>;
   const Eigen::Index n_q = q.rows();
   const Eigen::Index n_k = k.rows();
   const Eigen::Index num_heads = heads.num_heads;
   const Eigen::Index d_k = q.cols() / num_heads;
   const Eigen::Index d_v = v.cols() / heads.num_kv_heads;
   const Scalar scale = options.scale ? *options.scale : default_scale<Scalar>(d_k);
+  const Eigen::Index block_k = BlockK > 0 ? BlockK : default_block_k<Scalar>(std::max(d_k, d_v));
   const FlashProblem<Scalar, DerivedQ, DerivedK, DerivedV, ScoreMod, MaskMod> problem{
       q, k, v, options, mods.score_mod, mods.mask_mod, KeyBand(options, n_q, n_k), scale, d_k, d_v,
-      num_heads / heads.num_kv_heads};
+      num_heads / heads.num_kv_heads, block_k};
 
   const int threads = resolve_thread_count(options.num_threads);
   if (workspace.slots.size() < static_cast<std::size_t>(threads)) workspace.slots.resize(static_cast<std::size_t>(threads));
@@ -362,7 +379,7 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
       const Eigen::Index head = item / query_blocks;
       const Eigen::Index first_query = (item % query_blocks) * block_q;
       const Eigen::Index rows = std::min<Eigen::Index>(block_q, n_q - first_query);
-      attend_query_block<block_k>(problem, slot, head, first_query, rows, 0, n_k);
+      attend_query_block(problem, slot, head, first_query, rows, 0, n_k);
       finish_query_block(slot, rows, d_v, out.block(first_query, head * d_v, rows, d_v),
                          lse.col(head).segment(first_query, rows));
     });
@@ -377,7 +394,7 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
     const Eigen::Index head = item / key_chunks;
     const Eigen::Index chunk_begin = key_from + (item % key_chunks) * split_key_chunk;
     const Eigen::Index chunk_end = std::min(chunk_begin + split_key_chunk, key_from + key_span);
-    attend_query_block<block_k>(problem, slot, head, 0, n_q, chunk_begin, chunk_end);
+    attend_query_block(problem, slot, head, 0, n_q, chunk_begin, chunk_end);
     finish_query_block(slot, n_q, d_v, workspace.partial_out.block(item * n_q, 0, n_q, d_v),
                        workspace.partial_lse.segment(item * n_q, n_q));
   });
