@@ -207,6 +207,25 @@ TEMPLATE_TEST_CASE("a sliding window equals its explicit mask, one-sided or two-
   CHECK(attn::attention(q, k, v, windowed, windowed_weights) == attn::attention(q, k, v, masked, masked_weights));
 }
 
+TEST_CASE("a window wider than both sequences is unbounded, however wide", "[attention][mask]") {
+  const Matrix<double> q = random_matrix<double>(4, 3, 75);
+  const Matrix<double> k = random_matrix<double>(9, 3, 76);
+  const Matrix<double> v = random_matrix<double>(9, 2, 77);
+  const Index huge = std::numeric_limits<Index>::max();
+  attn::AttentionOptionsd unbounded;
+  unbounded.window = attn::SlidingWindow{-1, -1};
+  for (const attn::SlidingWindow window : {attn::SlidingWindow{huge, huge}, attn::SlidingWindow{-1, huge},
+                                           attn::SlidingWindow{huge, -1}}) {
+    attn::AttentionOptionsd wide;
+    wide.window = window;
+    Matrix<double> wide_weights, unbounded_weights;
+    CHECK(attn::attention(q, k, v, wide, wide_weights) == attn::attention(q, k, v, unbounded, unbounded_weights));
+    CHECK(wide_weights == unbounded_weights);
+    CHECK(attn::flash_attention(q, k, v, wide) == attn::flash_attention(q, k, v, unbounded));
+    CHECK(attn::sliding_window_mask(4, 9, window).all());
+  }
+}
+
 TEMPLATE_TEST_CASE("key padding equals its explicit mask", "[attention][mask]", float, double) {
   using Scalar = TestType;
   const Matrix<Scalar> q = random_matrix<Scalar>(4, 3, 21);

@@ -2,6 +2,8 @@
 // each output row is reduced by one thread in a fixed order and a key split merges its
 // chunks in a fixed order. Built only when OpenMP is found (it links attn::attn_openmp).
 
+#include <stdexcept>
+
 #include <attn/attn.hpp>
 
 #include "attn_test.hpp"
@@ -16,8 +18,6 @@ using Eigen::Index;
 TEMPLATE_TEST_CASE("results are bitwise identical whatever the thread count", "[threads]", float, double) {
   using Scalar = TestType;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  // Eigen would otherwise parallelise single-threaded calls' tile products itself.
-  Eigen::setNbThreads(1);
   // (n_q, n_k): many query blocks; one query block over a long cache (the key split).
   const auto [n_q, n_k] = GENERATE(table<Index, Index>({{300, 260}, {2, 5 * attn::split_key_chunk + 7}}));
   const bool causal = GENERATE(false, true);
@@ -46,4 +46,53 @@ TEMPLATE_TEST_CASE("results are bitwise identical whatever the thread count", "[
   const Matrix reference = attn::attention(q.leftCols(d), k.leftCols(d), v.leftCols(d), options, weights);
   CHECK(attn_test::max_abs_difference(sequential.leftCols(d), reference) <=
         attn_test::tolerance<Scalar>(d, n_k, 2.0 * std::sqrt(double(d))));
+}
+
+TEMPLATE_TEST_CASE("default tiles of an odd width give the same bits whatever the workspace has seen",
+                   "[threads][workspace]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  // d = 96 makes the default key block 341 (170 in double), not a multiple of the SIMD
+  // width: each score row's unaligned head is computed by scalar code, so every slot and
+  // every call must place rows alike.
+  const Index n_q = 300, n_k = 700, d = 96;
+  const Matrix q = attn_test::random_matrix<Scalar>(n_q, 2 * d, 11, 2.0);
+  const Matrix k = attn_test::random_matrix<Scalar>(n_k, 2 * d, 12, 2.0);
+  const Matrix v = attn_test::random_matrix<Scalar>(n_k, 2 * d, 13);
+  attn::AttentionOptions<Scalar> options;
+  attn::Workspace<Scalar> fresh;
+  Matrix expected, expected_lse;
+  attn::flash_attention_into(q, k, v, attn::Heads{2, 2}, options, expected, expected_lse, fresh);
+
+  // A workspace first grown by a call with wider score rows (d = 64: 512 keys).
+  attn::Workspace<Scalar> used;
+  const Matrix narrow = attn_test::random_matrix<Scalar>(200, 64, 14);
+  Matrix scratch;
+  options.num_threads = 2;
+  attn::flash_attention_into(narrow, narrow, narrow, attn::Heads{}, options, scratch, used);
+  for (const int threads : {1, 2}) {
+    INFO(threads << " threads");
+    options.num_threads = threads;
+    Matrix out, lse;
+    attn::flash_attention_into(q, k, v, attn::Heads{2, 2}, options, out, lse, used);
+    CHECK(out == expected);
+    CHECK(lse == expected_lse);
+  }
+}
+
+TEST_CASE("an exception thrown by a modifier on a worker thread reaches the caller", "[threads][mods]") {
+  const Eigen::MatrixXf x = attn_test::random_matrix<float>(300, 8, 21);
+  attn::AttentionOptionsf options;
+  options.num_threads = 2;
+  const auto refuse_key_7 = [](Index, Index key, Index) {
+    if (key == 7) throw std::runtime_error("key 7 is not allowed");
+    return true;
+  };
+  attn::Workspacef workspace;
+  Eigen::MatrixXf out;
+  const auto run = [&] {
+    attn::flash_attention_into<32, 32>(x, x, x, attn::Heads{}, options, out, workspace,
+                                       attn::Mods{attn::NoScoreMod{}, refuse_key_7});
+  };
+  CHECK_THROWS_WITH(run(), "key 7 is not allowed");
 }

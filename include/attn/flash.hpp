@@ -111,7 +111,10 @@ using RowMajorDynamic = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Ei
 template <typename Scalar>
 struct FlashSlot {
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> queries;  // (block_q × d_k), scaled
-  RowMajorDynamic<Scalar> scores;       // (block_q × block_k), then the tile's weights
+  // The score tile, (block_q × block_k) with a row stride fixed per call (see
+  // `score_stride`): flat storage, so that a slot grown by an earlier, wider call does not
+  // change where rows start, and with it which entries Eigen computes with SIMD.
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> score_storage;
   RowMajorDynamic<Scalar> accumulator;  // (block_q × d_v), unnormalised output
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> row_max;
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> row_sum;
@@ -139,8 +142,8 @@ class Workspace {
   std::size_t bytes() const noexcept {
     std::size_t scalars = static_cast<std::size_t>(partial_out.size() + partial_lse.size() + lse.size());
     for (const auto& slot : slots) {
-      scalars += static_cast<std::size_t>(slot.queries.size() + slot.scores.size() + slot.accumulator.size() +
-                                          slot.row_max.size() + slot.row_sum.size());
+      scalars += static_cast<std::size_t>(slot.queries.size() + slot.score_storage.size() +
+                                          slot.accumulator.size() + slot.row_max.size() + slot.row_sum.size());
     }
     return scalars * sizeof(Scalar);
   }
@@ -181,7 +184,19 @@ struct FlashProblem {
   Eigen::Index d_v;
   Eigen::Index heads_per_kv_head;
   Eigen::Index block_k;
+  Eigen::Index score_stride;
 };
+
+/// The score tile's row stride: block_k rounded up to 64 bytes, so that every row starts
+/// equally aligned in every slot and every call. Eigen handles a row's unaligned head and
+/// tail one scalar at a time, with std::exp and in another summation order than its SIMD
+/// body; with rows placed alike, each row is computed alike, and results stay bitwise
+/// identical whatever the thread count or the workspace's history.
+template <typename Scalar>
+constexpr Eigen::Index score_stride(Eigen::Index block_k) noexcept {
+  constexpr Eigen::Index per_line = std::max<Eigen::Index>(1, 64 / static_cast<Eigen::Index>(sizeof(Scalar)));
+  return (block_k + per_line - 1) / per_line * per_line;
+}
 
 /// Attends rows [first_query, first_query + rows) of `head` to keys [key_begin, key_end),
 /// leaving the unnormalised output, row maxima and row sums in `slot`.
@@ -222,7 +237,8 @@ void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::
     // Whether every row of the tile may attend every key of it, band-wise.
     const bool inside_band = band.key_first(last_query) <= first_key && band.key_end(first_query) >= first_key + cols;
     // scores: (rows × cols)
-    auto scores = slot.scores.topLeftCorner(rows, cols);
+    Eigen::Map<RowMajorDynamic<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
+        slot.score_storage.data(), rows, cols, Eigen::OuterStride<>(problem.score_stride));
     scores.noalias() = queries * problem.k.block(first_key, kv_head * d_k, cols, d_k).transpose();
 
     for (Eigen::Index r = 0; r < rows; ++r) {
@@ -354,24 +370,28 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
   const Eigen::Index block_k = BlockK > 0 ? BlockK : default_block_k<Scalar>(std::max(d_k, d_v));
   const FlashProblem<Scalar, DerivedQ, DerivedK, DerivedV, ScoreMod, MaskMod> problem{
       q, k, v, options, mods.score_mod, mods.mask_mod, KeyBand(options, n_q, n_k), scale, d_k, d_v,
-      num_heads / heads.num_kv_heads, block_k};
+      num_heads / heads.num_kv_heads, block_k, score_stride<Scalar>(block_k)};
 
-  const int threads = resolve_thread_count(options.num_threads);
-  if (workspace.slots.size() < static_cast<std::size_t>(threads)) workspace.slots.resize(static_cast<std::size_t>(threads));
-  for (auto& slot : workspace.slots) {
-    grow_to(slot.queries, block_q, d_k);
-    grow_to(slot.scores, block_q, block_k);
-    grow_to(slot.accumulator, block_q, d_v);
-    grow_to(slot.row_max, block_q, 1);
-    grow_to(slot.row_sum, block_q, 1);
-    slot.tiles = 0;
-  }
+  for (auto& slot : workspace.slots) slot.tiles = 0;
   if (n_q == 0) return;
 
   const Eigen::Index query_blocks = (n_q + block_q - 1) / block_q;
   const Eigen::Index key_from = problem.band.key_first(0);
   const Eigen::Index key_span = std::max<Eigen::Index>(0, problem.band.key_end(n_q - 1) - key_from);
-  const Eigen::Index key_chunks = query_blocks == 1 ? std::max<Eigen::Index>(1, (key_span + split_key_chunk - 1) / split_key_chunk) : 1;
+  const Eigen::Index key_chunks =
+      query_blocks == 1 ? std::max<Eigen::Index>(1, (key_span + split_key_chunk - 1) / split_key_chunk) : 1;
+
+  // No more threads (and scratch slots) than there are work items.
+  const Eigen::Index items = num_heads * (key_chunks == 1 ? query_blocks : key_chunks);
+  const int threads = static_cast<int>(std::min<Eigen::Index>(resolve_thread_count(options.num_threads), items));
+  if (workspace.slots.size() < static_cast<std::size_t>(threads)) workspace.slots.resize(static_cast<std::size_t>(threads));
+  for (auto& slot : workspace.slots) {
+    grow_to(slot.queries, block_q, d_k);
+    grow_to(slot.score_storage, block_q * problem.score_stride, 1);
+    grow_to(slot.accumulator, block_q, d_v);
+    grow_to(slot.row_max, block_q, 1);
+    grow_to(slot.row_sum, block_q, 1);
+  }
 
   if (key_chunks == 1) {
     parallel_for(num_heads * query_blocks, threads, [&](Eigen::Index item, int thread) {
@@ -417,7 +437,9 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
 /// `out` is n_q×(H·d_v); `lse`, n_q×H, receives each row's natural log-sum-exp of its
 /// (scaled, biased, modified, masked) scores, −∞ for a row that attends nothing. The
 /// workspace is reused across calls; with it and `out`/`lse` already sized, the call
-/// allocates nothing. `out` and `lse` must not alias an input.
+/// allocates nothing (with the default tiles, for heads up to d = 256). `out` and `lse`
+/// must not alias an input. An exception thrown by a modifier propagates from the call
+/// once all threads have stopped; `out` is then unspecified.
 template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK,
           typename DerivedV, typename Out, typename Lse, typename ScoreMod = NoScoreMod, typename MaskMod = NoMaskMod>
 void flash_attention_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,

@@ -38,6 +38,9 @@ inline MaskMatrix causal_mask(Eigen::Index n_q, Eigen::Index n_k) {
 inline MaskMatrix sliding_window_mask(Eigen::Index n_q, Eigen::Index n_k, SlidingWindow window) {
   MaskMatrix mask(n_q, n_k);
   const Eigen::Index offset = n_k - n_q;
+  // Wider than both sequences is unbounded; capping keeps the sums below from overflowing.
+  if (window.left > n_q + n_k) window.left = n_q + n_k;
+  if (window.right > n_q + n_k) window.right = n_q + n_k;
   for (Eigen::Index key = 0; key < n_k; ++key) {
     for (Eigen::Index query = 0; query < n_q; ++query) {
       mask(query, key) = (window.left < 0 || key >= query + offset - window.left) &&
@@ -66,8 +69,8 @@ class KeyBand {
   KeyBand(const AttentionOptions<Scalar>& options, Eigen::Index n_q, Eigen::Index n_k)
       : n_q_(n_q),
         offset_(n_k - n_q),
-        left_(options.window ? options.window->left : -1),
-        right_(options.causal ? 0 : (options.window ? options.window->right : -1)),
+        left_(bounded_side(options.window ? options.window->left : -1, n_q, n_k)),
+        right_(options.causal ? 0 : bounded_side(options.window ? options.window->right : -1, n_q, n_k)),
         key_end_(options.valid_keys ? *options.valid_keys : n_k) {}
 
   /// Query i may attend keys [key_first(i), key_end(i)); empty when key_end ≤ key_first.
@@ -90,6 +93,12 @@ class KeyBand {
   }
   /// One past the last key any query may attend: keys beyond it are padding.
   Eigen::Index key_limit() const noexcept { return key_end_; }
+
+  /// A window side wider than both sequences reaches everything: cap it there, so that
+  /// index arithmetic with it cannot overflow (a side of INT64_MAX would wrap around).
+  static Eigen::Index bounded_side(Eigen::Index side, Eigen::Index n_q, Eigen::Index n_k) noexcept {
+    return side < 0 ? side : std::min(side, n_q + n_k);
+  }
 
  private:
   Eigen::Index n_q_;

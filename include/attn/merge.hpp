@@ -4,8 +4,10 @@
 /// log-sum-exp (the "online softmax" identity of Milakov & Gimelshein 2018, used by
 /// FlashAttention to split keys across tiles and threads).
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include <Eigen/Core>
 

@@ -14,6 +14,12 @@
 
 namespace attn {
 
+/// A sliding window of keys around each query's diagonal; −1 = unbounded on that side.
+struct SlidingWindow {
+  Eigen::Index left = -1;
+  Eigen::Index right = -1;
+};
+
 /// How an attention call scores and masks. Every field is optional; the defaults give
 /// plain softmax(Q·Kᵀ/√d_k)·V over all keys.
 ///
@@ -37,12 +43,6 @@ namespace attn {
 /// never NaN (PyTorch's MultiheadAttention returns NaN there).
 ///
 /// `mask` and `bias` are views: the matrices they refer to must outlive the call.
-/// A sliding window of keys around each query's diagonal; −1 = unbounded on that side.
-struct SlidingWindow {
-  Eigen::Index left = -1;
-  Eigen::Index right = -1;
-};
-
 template <typename Scalar>
 struct AttentionOptions {
   /// Multiplies Q·Kᵀ; must be finite and positive. Absent: 1/√d_k (`attn::default_scale`).
