@@ -16,6 +16,13 @@ namespace attn_test {
 
 using Index = Eigen::Index;
 
+// The matrix types the tests use, spelled once.
+template <typename Scalar>
+using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+template <typename Scalar>
+using RowMajorMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
+
 /// Which keys each query may attend and what is added to its scores, spelled out
 /// independently of the library's options.
 struct ReferenceMasks {

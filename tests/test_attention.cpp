@@ -18,11 +18,9 @@ using attn_test::random_matrix;
 using attn_test::tolerance;
 using Eigen::Index;
 
-template <typename Scalar>
-using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-template <typename Scalar>
-using RowMajorMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
+using attn_test::Matrix;
+using attn_test::RowMajorMatrix;
+using attn_test::BoolMatrix;
 
 namespace {
 

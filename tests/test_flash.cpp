@@ -16,9 +16,8 @@ using attn_test::random_keep_mask;
 using attn_test::random_matrix;
 using Eigen::Index;
 
-template <typename Scalar>
-using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
+using attn_test::Matrix;
+using attn_test::BoolMatrix;
 
 namespace {
 
@@ -33,11 +32,6 @@ double agreement(const Matrix<Scalar>& reference) {
 }
 
 enum class MaskKind { none, causal, keep_mask, bias, valid_keys, window, all };
-
-struct MaskedOptions {
-  BoolMatrix keep;
-  Eigen::MatrixXd bias_d;
-};
 
 // Sets `options` for `kind`; the keep-mask and bias live in `storage`, which outlives them.
 template <typename Scalar>

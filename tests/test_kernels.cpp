@@ -16,10 +16,8 @@ using attn_test::WithinAbs;
 using attn_test::WithinRel;
 using Eigen::Index;
 
-template <typename Scalar>
-using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-template <typename Scalar>
-using RowMajorMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using attn_test::Matrix;
+using attn_test::RowMajorMatrix;
 
 TEMPLATE_TEST_CASE("project matches a loop, with and without bias, through views", "[projection]", float, double) {
   using Scalar = TestType;
