@@ -15,3 +15,4 @@
 #include "merge.hpp"
 #include "flash.hpp"
 #include "attention.hpp"
+#include "npy.hpp"
