@@ -46,10 +46,7 @@ void check_attention(const char* operation, const Eigen::MatrixBase<DerivedQ>& q
   require_extents_match(operation, operand("q", q), Extent::columns, operand("k", k), Extent::columns);
   require_extents_match(operation, operand("k", k), Extent::rows, operand("v", v), Extent::rows);
   validate_options(operation, options, q.rows(), k.rows());
-  if (!options.scale && q.cols() == 0) {
-    throw_invalid_argument(std::string(operation) +
-                           ": d_k is 0, so the default scale 1/sqrt(d_k) is undefined; set options.scale");
-  }
+  require_defined_scale(operation, options, q.cols());
 }
 
 /// The pipeline after its checks: scores into `weights`, masks, softmax, then P·V.
@@ -101,9 +98,7 @@ auto attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<Der
                               DerivedV::SizeAtCompileTime != Eigen::Dynamic;
   if constexpr (!fixed_size) {
     Workspace<Scalar> workspace;
-    detail::grow_to(workspace.lse, q.rows(), 1);
-    auto lse = workspace.lse.topLeftCorner(q.rows(), 1);
-    detail::flash_attention_unchecked<0, 0>(q, k, v, Heads{}, options, Mods<>{}, out, lse, workspace);
+    flash_attention_into(q, k, v, Heads{}, options, out, workspace);
   } else {
     detail::row_major_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedK::RowsAtCompileTime> weights(q.rows(),
                                                                                                        k.rows());

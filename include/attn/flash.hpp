@@ -344,10 +344,7 @@ void check_flash(const char* operation, const Eigen::MatrixBase<DerivedQ>& q, co
   }
   require_extents_match(operation, operand("k", k), Extent::rows, operand("v", v), Extent::rows);
   validate_options(operation, options, q.rows(), k.rows());
-  if (!options.scale && d_k == 0) {
-    throw_invalid_argument(std::string(operation) +
-                           ": d_k is 0, so the default scale 1/sqrt(d_k) is undefined; set options.scale");
-  }
+  require_defined_scale(operation, options, d_k);
 }
 
 /// The driver: splits the problem into independent work items (head × query block, or
@@ -394,7 +391,7 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
   }
 
   if (key_chunks == 1) {
-    parallel_for(num_heads * query_blocks, threads, [&](Eigen::Index item, int thread) {
+    parallel_for(items, threads, [&](Eigen::Index item, int thread) {
       auto& slot = workspace.slots[static_cast<std::size_t>(thread)];
       const Eigen::Index head = item / query_blocks;
       const Eigen::Index first_query = (item % query_blocks) * block_q;
@@ -409,7 +406,7 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
   // A key split: chunk c of head h lands in rows [(h·chunks + c)·n_q, …) of the partials.
   grow_to(workspace.partial_out, num_heads * key_chunks * n_q, d_v);
   grow_to(workspace.partial_lse, num_heads * key_chunks * n_q, 1);
-  parallel_for(num_heads * key_chunks, threads, [&](Eigen::Index item, int thread) {
+  parallel_for(items, threads, [&](Eigen::Index item, int thread) {
     auto& slot = workspace.slots[static_cast<std::size_t>(thread)];
     const Eigen::Index head = item / key_chunks;
     const Eigen::Index chunk_begin = key_from + (item % key_chunks) * split_key_chunk;

@@ -92,5 +92,14 @@ void validate_options(const char* operation, const AttentionOptions<Scalar>& opt
   }
 }
 
+/// The default scale 1/√d_k needs d_k > 0; with d_k = 0 the caller must give a scale.
+template <typename Scalar>
+void require_defined_scale(const char* operation, const AttentionOptions<Scalar>& options, Eigen::Index d_k) {
+  if (!options.scale && d_k == 0) {
+    throw_invalid_argument(std::string(operation) +
+                           ": d_k is 0, so the default scale 1/sqrt(d_k) is undefined; set options.scale");
+  }
+}
+
 }  // namespace detail
 }  // namespace attn
