@@ -15,4 +15,6 @@
 #include "merge.hpp"
 #include "flash.hpp"
 #include "attention.hpp"
+#include "kv_cache.hpp"
+#include "multi_head.hpp"
 #include "npy.hpp"
