@@ -170,3 +170,40 @@ TEMPLATE_TEST_CASE("with its default tiles the kernel never allocates, for head 
   }
   CHECK(out == first);
 }
+
+// ---- Positions (rope.hpp, alibi.hpp): RoPE in place and the ALiBi modifier ---------------
+// The umbrella may not include these headers yet; Eigen is already configured above.
+#include <attn/alibi.hpp>
+#include <attn/rope.hpp>
+
+TEMPLATE_TEST_CASE("RoPE in place and ALiBi in the tiled kernel allocate nothing", "[no_malloc][rope][alibi]", float,
+                   double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const Index n = 150, d = 16;
+  Matrix q = attn_test::random_matrix<Scalar>(n, 4 * d, 31);
+  Matrix k = attn_test::random_matrix<Scalar>(n, 2 * d, 32);
+  const Matrix v = attn_test::random_matrix<Scalar>(n, 2 * d, 33);
+  Matrix wide = attn_test::random_matrix<Scalar>(5, 2 * 256, 34);  // 128 pairs: two stack chunks
+  const Eigen::VectorXi positions = Eigen::VectorXi::LinSpaced(n, 3, 3 + n - 1);
+  const Eigen::Matrix<Index, 1, Eigen::Dynamic> wide_positions =
+      Eigen::Matrix<Index, 1, Eigen::Dynamic>::LinSpaced(5, 4000, 4004);
+  const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> slopes = attn::alibi_slopes<Scalar>(4);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = true;
+  attn::Workspace<Scalar> workspace;
+  Matrix out, lse;
+  attn::flash_attention_into<32, 64>(q, k, v, attn::Heads{4, 2}, options, out, lse, workspace);  // sizes the buffers
+  {
+    HeapForbidden forbidden;
+    REQUIRE_NOTHROW(attn::apply_rope_inplace(q, positions, d));
+    REQUIRE_NOTHROW(attn::apply_rope_inplace(k.middleCols(d, d), 3, d, attn::Rope{500000.0, attn::RopeStyle::interleaved}));
+    REQUIRE_NOTHROW(attn::apply_rope_inplace(wide, wide_positions, 256));
+    const auto mods = attn::Mods{attn::alibi_score_mod(slopes, n, n), attn::NoMaskMod{}};
+    for (int iteration = 0; iteration < 2; ++iteration) {
+      REQUIRE_NOTHROW(attn::flash_attention_into<32, 64>(q, k, v, attn::Heads{4, 2}, options, out, lse, workspace, mods));
+    }
+  }
+  CHECK(out.allFinite());
+}
+// ---- end of positions -------------------------------------------------------------------
