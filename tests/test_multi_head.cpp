@@ -8,6 +8,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -215,6 +216,29 @@ TEMPLATE_TEST_CASE("forward_batch matches PyTorch's padded batch, sequence by se
 
 namespace {
 
+/// Rotary embedding written out from RoFormer's definition, in double: pair i of each head
+/// (features 2i and 2i+1, or i and i + d/2) turns by position·base^(−2i/d).
+Eigen::MatrixXd reference_rope(const Eigen::MatrixXd& x, Index first_position, Index d, attn::Rope rope) {
+  Eigen::MatrixXd out = x;
+  for (Index r = 0; r < x.rows(); ++r) {
+    for (Index head = 0; head < x.cols() / d; ++head) {
+      for (Index i = 0; i < d / 2; ++i) {
+        const Index a = head * d + (rope.style == attn::RopeStyle::interleaved ? 2 * i : i);
+        const Index b = head * d + (rope.style == attn::RopeStyle::interleaved ? 2 * i + 1 : i + d / 2);
+        const double angle = double(first_position + r) * std::pow(rope.base, -2.0 * double(i) / double(d));
+        out(r, a) = x(r, a) * std::cos(angle) - x(r, b) * std::sin(angle);
+        out(r, b) = x(r, a) * std::sin(angle) + x(r, b) * std::cos(angle);
+      }
+    }
+  }
+  return out;
+}
+
+struct PositionReference {
+  std::optional<attn::Rope> rope;
+  std::optional<std::vector<double>> alibi;  // one slope per head
+};
+
 /// Grouped-query multi-head attention written out with loops in double: project, then for
 /// each query head h attend with KV head h / (H / H_kv) (each KV head repeated over its
 /// group of query heads), concatenate, project out.
@@ -223,17 +247,34 @@ Eigen::MatrixXd reference_multi_head(const Eigen::MatrixXd& query, const Eigen::
                                      const Eigen::MatrixXd& w_q, const Eigen::MatrixXd& w_k, const Eigen::MatrixXd& w_v,
                                      const Eigen::MatrixXd& w_o, const Eigen::RowVectorXd& b_q,
                                      const Eigen::RowVectorXd& b_k, const Eigen::RowVectorXd& b_v,
-                                     const Eigen::RowVectorXd& b_o, const attn_test::ReferenceMasks& masks = {}) {
-  const Eigen::MatrixXd q = attn_test::reference_project(query, w_q, &b_q);
-  const Eigen::MatrixXd k = attn_test::reference_project(key, w_k, &b_k);
+                                     const Eigen::RowVectorXd& b_o, const attn_test::ReferenceMasks& masks = {},
+                                     const PositionReference& positions = {}) {
+  Eigen::MatrixXd q = attn_test::reference_project(query, w_q, &b_q);
+  Eigen::MatrixXd k = attn_test::reference_project(key, w_k, &b_k);
   const Eigen::MatrixXd v = attn_test::reference_project(value, w_v, &b_v);
   const Index d = q.cols() / num_heads;
-  Eigen::MatrixXd context(query.rows(), q.cols());
+  const Index n_q = q.rows();
+  const Index n_k = k.rows();
+  if (positions.rope) {
+    // Queries continue where the keys' positions end (bottom-right, as the causal rule).
+    q = reference_rope(q, n_k - n_q, d, *positions.rope);
+    k = reference_rope(k, 0, d, *positions.rope);
+  }
+  Eigen::MatrixXd context(n_q, q.cols());
   for (Index h = 0; h < num_heads; ++h) {
     const Index g = h / (num_heads / num_kv_heads);
+    attn_test::ReferenceMasks head_masks = masks;
+    if (positions.alibi) {
+      // ALiBi's bias for this head: −m_h·|distance|, m_h from the paper's geometric sequence.
+      Eigen::MatrixXd bias(n_q, n_k);
+      for (Index i = 0; i < n_q; ++i) {
+        for (Index j = 0; j < n_k; ++j) bias(i, j) = -(*positions.alibi)[std::size_t(h)] * std::abs(double(i + n_k - n_q - j));
+      }
+      head_masks.bias = bias;
+    }
     context.middleCols(h * d, d) = attn_test::reference_attention(q.middleCols(h * d, d), k.middleCols(g * d, d),
                                                                   v.middleCols(g * d, d), 1.0 / std::sqrt(double(d)),
-                                                                  masks)
+                                                                  head_masks)
                                        .output;
   }
   return attn_test::reference_project(context, w_o, &b_o);
@@ -266,10 +307,10 @@ struct RandomModule {
   }
 
   Eigen::MatrixXd reference(const Matrix<Scalar>& query, const Matrix<Scalar>& key, const Matrix<Scalar>& value,
-                            const attn_test::ReferenceMasks& masks = {}) const {
+                            const attn_test::ReferenceMasks& masks = {}, const PositionReference& positions = {}) const {
     return reference_multi_head(query.template cast<double>(), key.template cast<double>(),
                                 value.template cast<double>(), module.num_heads(), module.num_kv_heads(), w_q, w_k, w_v,
-                                w_o, b_q, b_k, b_v, b_o, masks);
+                                w_o, b_q, b_k, b_v, b_o, masks, positions);
   }
 };
 
@@ -316,6 +357,50 @@ TEMPLATE_TEST_CASE("grouped-query and multi-query attention match a loop that re
   CHECK((row_sums.array() - 1.0).abs().maxCoeff() <= 1e3 * double(std::numeric_limits<Scalar>::epsilon()));
   // Heads in a group share keys and values, not queries: their weights differ.
   if (num_kv_heads < num_heads) CHECK(max_abs_difference(weights.topRows(n_q), weights.middleRows(n_q, n_q)) > 1e-3);
+}
+
+TEMPLATE_TEST_CASE("RoPE and ALiBi in the module match the loop reference", "[multi_head][rope][alibi]", float,
+                   double) {
+  using Scalar = TestType;
+  const int positions = GENERATE(1, 2, 3);  // RoPE halves, RoPE interleaved, ALiBi
+  const bool causal = GENERATE(false, true);
+  CAPTURE(positions, causal);
+  attn::MultiHeadOptions options;
+  options.num_kv_heads = 2;
+  PositionReference reference_positions;
+  if (positions == 3) {
+    options.alibi = true;
+    // 8 heads, a power of two: the paper's slopes 2^(−8(h+1)/8) = 1/2, 1/4, …, 1/256.
+    std::vector<double> slopes;
+    for (int h = 0; h < 8; ++h) slopes.push_back(std::pow(2.0, -(h + 1.0)));
+    reference_positions.alibi = slopes;
+  } else {
+    options.rope = attn::Rope{positions == 1 ? 10000.0 : 500.0,
+                              positions == 1 ? attn::RopeStyle::halves : attn::RopeStyle::interleaved};
+    reference_positions.rope = options.rope;
+  }
+  const RandomModule<Scalar> random(64, 8, options, 31);
+  const Index n_q = causal ? 45 : 17;
+  const Index n_k = 45;  // n_q < n_k: positions and the causal rule align bottom-right
+  const Matrix<Scalar> memory = random_matrix<Scalar>(n_k, 64, 32);
+  const Matrix<Scalar> query = causal ? memory : Matrix<Scalar>(memory.bottomRows(n_q));
+  attn::AttentionOptions<Scalar> attention_options;
+  attention_options.causal = causal;
+  attn_test::ReferenceMasks masks;
+  masks.causal = causal;
+  const Eigen::MatrixXd expected = random.reference(query, memory, memory, masks, reference_positions);
+  const double tolerance = loop_tolerance<Scalar>(expected, 64, n_k);
+  CHECK(max_abs_difference(random.module.forward(query, memory, memory, attention_options), expected) <= tolerance);
+  Matrix<Scalar> weights;
+  CHECK(max_abs_difference(random.module.forward(query, memory, memory, attention_options,
+                                                 attn::AttentionWeights::averaged, weights),
+                           expected) <= tolerance);
+  // Without positions the module is a different function: the test can tell them apart.
+  attn::MultiHeadOptions plain = options;
+  plain.rope.reset();
+  plain.alibi = false;
+  const RandomModule<Scalar> unpositioned(64, 8, plain, 31);
+  CHECK(max_abs_difference(unpositioned.module.forward(query, memory, memory, attention_options), expected) > 1e-3);
 }
 
 TEMPLATE_TEST_CASE("kdim and vdim, without bias, against the loop reference", "[multi_head]", float, double) {
@@ -393,9 +478,12 @@ TEMPLATE_TEST_CASE("decoding token by token with a KV cache equals one causal fo
   using Scalar = TestType;
   const Index num_kv_heads = GENERATE(4, 2, 1);
   const Index chunk = GENERATE(1, 5);
-  CAPTURE(num_kv_heads, chunk);
+  const int positions = GENERATE(0, 1, 2);  // none, RoPE, ALiBi
+  CAPTURE(num_kv_heads, chunk, positions);
   attn::MultiHeadOptions options;
   options.num_kv_heads = num_kv_heads;
+  if (positions == 1) options.rope = attn::Rope{10000.0, attn::RopeStyle::halves};
+  options.alibi = positions == 2;
   const RandomModule<Scalar> random(32, 4, options, 5);
   // Long enough for the key split (1024 keys per chunk) to kick in.
   const Index n = chunk == 1 ? 1100 : 61;
@@ -413,7 +501,8 @@ TEMPLATE_TEST_CASE("decoding token by token with a KV cache equals one causal fo
   CHECK(max_abs_difference(stepped, full) <= bound * std::max(1.0, double(full.cwiseAbs().maxCoeff())));
   // The cache holds the projected keys and values (to rounding: one token's projection is
   // a matrix-vector product, which Eigen sums in another order than a matrix product).
-  const Eigen::MatrixXd keys = attn_test::reference_project(sequence.template cast<double>(), random.w_k, &random.b_k);
+  Eigen::MatrixXd keys = attn_test::reference_project(sequence.template cast<double>(), random.w_k, &random.b_k);
+  if (options.rope) keys = reference_rope(keys, 0, random.module.head_dim(), *options.rope);  // stored rotated
   const Eigen::MatrixXd values = attn_test::reference_project(sequence.template cast<double>(), random.w_v, &random.b_v);
   CHECK(max_abs_difference(cache.keys(1), keys) <= attn_test::tolerance<Scalar>(32, 0, keys.cwiseAbs().maxCoeff()));
   CHECK(max_abs_difference(cache.values(1), values) <=

@@ -172,9 +172,6 @@ TEMPLATE_TEST_CASE("with its default tiles the kernel never allocates, for head 
 }
 
 // ---- Positions (rope.hpp, alibi.hpp): RoPE in place and the ALiBi modifier ---------------
-// The umbrella may not include these headers yet; Eigen is already configured above.
-#include <attn/alibi.hpp>
-#include <attn/rope.hpp>
 
 TEMPLATE_TEST_CASE("RoPE in place and ALiBi in the tiled kernel allocate nothing", "[no_malloc][rope][alibi]", float,
                    double) {
@@ -207,3 +204,51 @@ TEMPLATE_TEST_CASE("RoPE in place and ALiBi in the tiled kernel allocate nothing
   CHECK(out.allFinite());
 }
 // ---- end of positions -------------------------------------------------------------------
+
+// ---- MultiHeadAttention: forward with a kept workspace, and decode steps -----------------
+
+TEMPLATE_TEST_CASE("MultiHeadAttention reuses its workspace, and a decode step allocates nothing",
+                   "[no_malloc][multi_head][decode]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const int positions = GENERATE(0, 1, 2);  // none, RoPE, ALiBi
+  CAPTURE(positions);
+  attn::MultiHeadOptions options;
+  options.num_kv_heads = 2;
+  if (positions == 1) options.rope = attn::Rope{};
+  options.alibi = positions == 2;
+  attn::MultiHeadAttention<Scalar> module(64, 8, options);
+  module.set_weights(attn_test::random_matrix<Scalar>(64, 64, 1), attn_test::random_matrix<Scalar>(64, 16, 2),
+                     attn_test::random_matrix<Scalar>(64, 16, 3), attn_test::random_matrix<Scalar>(64, 64, 4));
+  module.set_biases(attn_test::random_matrix<Scalar>(1, 64, 5), attn_test::random_matrix<Scalar>(1, 16, 6),
+                    attn_test::random_matrix<Scalar>(1, 16, 7), attn_test::random_matrix<Scalar>(1, 64, 8));
+  attn::MultiHeadWorkspace<Scalar> workspace;
+  Matrix out;
+
+  SECTION("forward_into, the second call onwards") {
+    const Matrix x = attn_test::random_matrix<Scalar>(200, 64, 9);
+    attn::AttentionOptions<Scalar> causal;
+    causal.causal = true;
+    module.forward_into(x, x, x, causal, out, workspace);
+    const Matrix first = out;
+    {
+      HeapForbidden forbidden;
+      REQUIRE_NOTHROW(module.forward_into(x, x, x, causal, out, workspace));
+    }
+    CHECK(out == first);
+  }
+  SECTION("decode steps past the key split, with the capacity reserved") {
+    // 1300 tokens: the cache crosses split_key_chunk (1024), where the kernel starts
+    // splitting the keys into chunks and merging them.
+    const Index n = 1300;
+    const Matrix tokens = attn_test::random_matrix<Scalar>(n, 64, 10);
+    auto cache = module.make_cache(1, n);
+    module.forward_into(tokens.topRows(1), cache, 0, {}, out, workspace);  // sizes the workspace
+    {
+      HeapForbidden forbidden;
+      for (Index t = 1; t < n; ++t) REQUIRE_NOTHROW(module.forward_into(tokens.middleRows(t, 1), cache, 0, {}, out, workspace));
+    }
+    CHECK(cache.size(0) == n);
+    CHECK(out.allFinite());
+  }
+}

@@ -15,6 +15,8 @@
 #include "merge.hpp"
 #include "flash.hpp"
 #include "attention.hpp"
+#include "rope.hpp"
+#include "alibi.hpp"
 #include "kv_cache.hpp"
 #include "multi_head.hpp"
 #include "npy.hpp"

@@ -10,12 +10,15 @@
 /// unless the attention weights are asked for.
 
 #include <cstddef>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "alibi.hpp"
 #include "detail/eigen_types.hpp"
 #include "detail/parallel.hpp"
 #include "error.hpp"
@@ -23,6 +26,7 @@
 #include "kv_cache.hpp"
 #include "mask.hpp"
 #include "options.hpp"
+#include "rope.hpp"
 #include "scores.hpp"
 #include "softmax.hpp"
 
@@ -45,6 +49,15 @@ struct MultiHeadOptions {
   Eigen::Index vdim = 0;
   /// Biases on the four projections (PyTorch's `bias`).
   bool bias = true;
+  /// Rotary position embedding of the projected queries and keys (RoFormer, Llama);
+  /// PyTorch's nn.MultiheadAttention has none. Positions are aligned bottom-right like the
+  /// causal rule: key j sits at position j and query i at i + n_k − n_q, so in a decode
+  /// step the new tokens continue where the cache ends.
+  std::optional<Rope> rope;
+  /// ALiBi (Press et al. 2022): each head's scores get −m_h·|query position − key position|
+  /// added, with the paper's slopes m_h (`alibi_slopes`) and the positions above, computed
+  /// in the tile loop (no n_q×n_k bias matrix).
+  bool alibi = false;
 };
 
 /// Scratch for `MultiHeadAttention`, reusable across calls: the projected queries, keys
@@ -67,6 +80,9 @@ struct MultiHeadWorkspace {
            flash.bytes();
   }
 };
+
+using MultiHeadWorkspacef = MultiHeadWorkspace<float>;
+using MultiHeadWorkspaced = MultiHeadWorkspace<double>;
 
 /// Multi-head attention with its four projections:
 ///
@@ -99,7 +115,8 @@ class MultiHeadAttention {
         num_kv_heads_(options.num_kv_heads == 0 ? num_heads : options.num_kv_heads),
         kdim_(options.kdim == 0 ? embed_dim : options.kdim),
         vdim_(options.vdim == 0 ? embed_dim : options.vdim),
-        bias_(options.bias) {
+        bias_(options.bias),
+        rope_(options.rope) {
     const auto numbers = [&] {
       return "embed_dim = " + std::to_string(embed_dim) + ", num_heads = " + std::to_string(num_heads) +
              ", num_kv_heads = " + std::to_string(options.num_kv_heads) + ", kdim = " + std::to_string(options.kdim) +
@@ -118,6 +135,8 @@ class MultiHeadAttention {
       detail::throw_invalid_argument(std::string(operation_) + ": num_heads must be a multiple of num_kv_heads, got " +
                                      numbers());
     }
+    if (rope_) detail::check_rope_parameters(operation_, embed_dim_, head_dim(), *rope_);
+    if (options.alibi) alibi_slopes_ = attn::alibi_slopes<Scalar>(num_heads_);
     query_weight_.setZero(embed_dim_, embed_dim_);
     key_weight_.setZero(kdim_, kv_width());
     value_weight_.setZero(vdim_, kv_width());
@@ -140,6 +159,9 @@ class MultiHeadAttention {
   /// Columns of the projected keys and values: num_kv_heads·head_dim.
   Eigen::Index kv_width() const noexcept { return num_kv_heads_ * head_dim(); }
   bool has_bias() const noexcept { return bias_; }
+  const std::optional<Rope>& rope() const noexcept { return rope_; }
+  /// The ALiBi slopes, one per head; empty without ALiBi.
+  const Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& alibi_slopes() const noexcept { return alibi_slopes_; }
 
   /// The weights in attn's convention: W_q (E×E), W_k (kdim×H_kv·d), W_v (vdim×H_kv·d),
   /// W_o (E×E); head h's projection is columns [h·d, (h+1)·d) of W_q, KV head g's columns
@@ -257,7 +279,8 @@ class MultiHeadAttention {
     auto keys = workspace.keys.topLeftCorner(key.rows(), kv_width());
     auto values = workspace.values.topLeftCorner(key.rows(), kv_width());
     auto context = workspace.context.topLeftCorner(query.rows(), embed_dim_);
-    flash_attention_into(queries, keys, values, heads(), options, context, workspace.flash);
+    rotate(queries, keys);
+    attend(queries, keys, values, options, context, workspace.flash);
     project_output(context, out);
   }
 
@@ -283,6 +306,7 @@ class MultiHeadAttention {
     auto context = workspace.context.topLeftCorner(n_q, embed_dim_);
     detail::grow_to(workspace.scores, n_q, n_k);
     auto scores = workspace.scores.topLeftCorner(n_q, n_k);
+    rotate(queries, keys);
 
     const Eigen::Index d = head_dim();
     const Eigen::Index group = num_heads_ / num_kv_heads_;
@@ -292,6 +316,14 @@ class MultiHeadAttention {
       const Eigen::Index kv_head = head / group;
       // scores: (n_q × n_k), then the head's weights
       scores.noalias() = scale * (queries.middleCols(head * d, d) * keys.middleCols(kv_head * d, d).transpose());
+      if (alibi_slopes_.size() != 0) {
+        const Scalar slope = alibi_slopes_(head);
+        for (Eigen::Index i = 0; i < n_q; ++i) {
+          for (Eigen::Index j = 0; j < n_k; ++j) {
+            scores(i, j) -= slope * static_cast<Scalar>(std::abs(i + n_k - n_q - j));
+          }
+        }
+      }
       detail::mask_scores_unchecked(scores, options);
       softmax_rows_inplace(scores);
       // head output: (n_q × d)
@@ -424,7 +456,8 @@ class MultiHeadAttention {
                                     std::to_string(kv_width()));
     }
     const Eigen::Index n_new = x.rows();
-    const Eigen::Index n_total = cache.size(layer) + n_new;
+    const Eigen::Index n_past = cache.size(layer);
+    const Eigen::Index n_total = n_past + n_new;
     AttentionOptions<Scalar> step = options;
     step.causal = true;
     detail::validate_options(operation, step, n_new, n_total);
@@ -443,8 +476,13 @@ class MultiHeadAttention {
     auto queries = workspace.queries.topLeftCorner(n_new, embed_dim_);
     auto context = workspace.context.topLeftCorner(n_new, embed_dim_);
     project(x, query_weight_, query_bias_, queries);
+    if (rope_) {
+      // The new tokens sit at positions n_past, n_past + 1, …: the cache keeps rotated keys.
+      apply_rope_inplace(queries, n_past, head_dim(), *rope_);
+      apply_rope_inplace(new_rows.keys, n_past, head_dim(), *rope_);
+    }
     reserve_key_split(workspace.flash, n_new, cache.capacity());
-    flash_attention_into(queries, cache.keys(layer), cache.values(layer), heads(), step, context, workspace.flash);
+    attend(queries, cache.keys(layer), cache.values(layer), step, context, workspace.flash);
     project_output(context, out);
   }
 
@@ -545,6 +583,27 @@ class MultiHeadAttention {
     project(value, value_weight_, value_bias_, values);
   }
 
+  /// RoPE on the projected queries and keys, positions aligned bottom-right.
+  template <typename Queries, typename Keys>
+  void rotate(Queries& queries, Keys& keys) const {
+    if (!rope_) return;
+    apply_rope_inplace(queries, keys.rows() - queries.rows(), head_dim(), *rope_);
+    apply_rope_inplace(keys, 0, head_dim(), *rope_);
+  }
+
+  /// The heads' attention into `context`, through the tiled kernel, with ALiBi's score
+  /// modifier when the module has it.
+  template <typename Queries, typename Keys, typename Values, typename Context>
+  void attend(const Queries& queries, const Keys& keys, const Values& values, const AttentionOptions<Scalar>& options,
+              Context& context, Workspace<Scalar>& flash) const {
+    if (alibi_slopes_.size() != 0) {
+      const Mods mods{alibi_score_mod(alibi_slopes_, queries.rows(), keys.rows()), NoMaskMod{}};
+      flash_attention_into(queries, keys, values, heads(), options, context, flash, mods);
+    } else {
+      flash_attention_into(queries, keys, values, heads(), options, context, flash);
+    }
+  }
+
   template <typename Context, typename Out>
   void project_output(const Context& context, Out& out) const {
     // out: (n_q × E)
@@ -566,6 +625,8 @@ class MultiHeadAttention {
   Eigen::Index kdim_;
   Eigen::Index vdim_;
   bool bias_;
+  std::optional<Rope> rope_;
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> alibi_slopes_;
   Matrix query_weight_;
   Matrix key_weight_;
   Matrix value_weight_;
