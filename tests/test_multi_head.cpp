@@ -509,6 +509,31 @@ TEMPLATE_TEST_CASE("decoding token by token with a KV cache equals one causal fo
         attn_test::tolerance<Scalar>(32, 0, values.cwiseAbs().maxCoeff()));
 }
 
+TEMPLATE_TEST_CASE("decoding with a sliding window equals one causal forward with that window",
+                   "[multi_head][decode][window]", float, double) {
+  using Scalar = TestType;
+  attn::MultiHeadOptions options;
+  options.num_kv_heads = 1;
+  options.rope = attn::Rope{};
+  const RandomModule<Scalar> random(32, 4, options, 17);
+  const Matrix<Scalar> sequence = random_matrix<Scalar>(90, 32, 18);
+  // Each token sees itself and the 16 before it (Mistral-style local attention).
+  attn::AttentionOptions<Scalar> local;
+  local.window = attn::SlidingWindow{16, 0};
+  attn::AttentionOptions<Scalar> causal_local = local;
+  causal_local.causal = true;
+  const Matrix<Scalar> full = random.module.forward(sequence, sequence, sequence, causal_local);
+  auto cache = random.module.make_cache(1, 90);
+  const Matrix<Scalar> stepped = decode_in_steps(random.module, sequence, 1, cache, 0, local);
+  const double bound = std::is_same_v<Scalar, float> ? 1e-6 : 1e-12;
+  CHECK(max_abs_difference(stepped, full) <= bound * std::max(1.0, double(full.cwiseAbs().maxCoeff())));
+  // The window matters: without it the last outputs differ.
+  attn::AttentionOptions<Scalar> causal;
+  causal.causal = true;
+  CHECK(max_abs_difference(random.module.forward(sequence, sequence, sequence, causal).bottomRows(10),
+                           full.bottomRows(10)) > 1e-3);
+}
+
 TEST_CASE("a KV cache at capacity throws, or grows when asked, and never writes past its end", "[multi_head][decode]") {
   const RandomModule<double> random(16, 2, {}, 9);
   const Matrix<double> sequence = random_matrix<double>(6, 16, 2);

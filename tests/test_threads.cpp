@@ -3,6 +3,7 @@
 // chunks in a fixed order. Built only when OpenMP is found (it links attn::attn_openmp).
 
 #include <stdexcept>
+#include <vector>
 
 #include <attn/attn.hpp>
 
@@ -95,4 +96,42 @@ TEST_CASE("an exception thrown by a modifier on a worker thread reaches the call
                                        attn::Mods{attn::NoScoreMod{}, refuse_key_7});
   };
   CHECK_THROWS_WITH(run(), "key 7 is not allowed");
+}
+
+TEST_CASE("MultiHeadAttention: batches and decode steps give the same bits on any thread count",
+          "[threads][multi_head]") {
+  using Matrix = Eigen::MatrixXf;
+  attn::MultiHeadOptions shape;
+  shape.num_kv_heads = 2;
+  shape.rope = attn::Rope{};
+  attn::MultiHeadAttentionf module(32, 4, shape);
+  module.set_weights(attn_test::random_matrix<float>(32, 32, 1), attn_test::random_matrix<float>(32, 16, 2),
+                     attn_test::random_matrix<float>(32, 16, 3), attn_test::random_matrix<float>(32, 32, 4));
+  std::vector<Matrix> batch;
+  for (Index length : {70, 3, 0, 150, 9}) batch.push_back(attn_test::random_matrix<float>(length, 32, 5));
+  attn::AttentionOptionsf options;
+  options.causal = true;
+  options.num_threads = 1;
+  const auto sequential = module.forward_batch(batch, options);
+  for (const int threads : {2, 3, 8, 0}) {
+    INFO(threads << " threads");
+    options.num_threads = threads;
+    // Sequences in parallel (more sequences than threads), or heads in parallel (fewer).
+    const auto parallel = module.forward_batch(batch, options);
+    for (std::size_t i = 0; i < batch.size(); ++i) CHECK(parallel[i] == sequential[i]);
+  }
+
+  // A decode step over a cache long enough for the key split, chunks on several threads.
+  const Matrix tokens = attn_test::random_matrix<float>(1100, 32, 6);
+  Matrix outputs[2];
+  for (const int threads : {1, 2}) {
+    auto cache = module.make_cache(1, tokens.rows());
+    attn::MultiHeadWorkspace<float> workspace;
+    attn::AttentionOptionsf step;
+    step.num_threads = threads;
+    Matrix out;
+    for (Index t = 0; t < tokens.rows(); ++t) module.forward_into(tokens.middleRows(t, 1), cache, 0, step, out, workspace);
+    outputs[threads - 1] = out;
+  }
+  CHECK(outputs[0] == outputs[1]);
 }

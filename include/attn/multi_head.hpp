@@ -286,7 +286,8 @@ class MultiHeadAttention {
 
   /// As above, also writing the attention weights the output was computed with into
   /// `weights`: n_q×n_k averaged over heads, or (H·n_q)×n_k per head (see
-  /// `AttentionWeights`). This path materialises one head's n_q×n_k scores at a time.
+  /// `AttentionWeights`). This path materialises one head's n_q×n_k scores at a time and
+  /// runs on the calling thread, whatever `options.num_threads` says.
   template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Out, typename Weights>
   void forward_into(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
                     const Eigen::MatrixBase<DerivedV>& value, const AttentionOptions<Scalar>& options, Out&& out,
