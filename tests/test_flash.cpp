@@ -265,6 +265,62 @@ TEMPLATE_TEST_CASE("decoding: few queries over a long cache split the keys and m
   }
 }
 
+namespace {
+
+// Modifiers that depend on the head, so that a row given the wrong head shows.
+struct HeadScoreMod {
+  template <typename Scalar>
+  Scalar operator()(Scalar score, Index /*query*/, Index key, Index head) const noexcept {
+    return score + Scalar(0.25) * Scalar(head) * Scalar(key % 7);
+  }
+};
+struct HeadMaskMod {
+  bool operator()(Index /*query*/, Index key, Index head) const noexcept { return (key + head) % 5 != 0; }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a group's query heads sharing one block (few queries) match one head at a time",
+                   "[flash][heads][decode]", float, double) {
+  using Scalar = TestType;
+  // Few queries make one query block, which a group's query heads then share, with and
+  // without the key split.
+  const Index n_q = GENERATE(1, 4);
+  const Index n_k = GENERATE(Index(300), 2 * attn::split_key_chunk + 77);
+  INFO("n_q=" << n_q << " n_k=" << n_k);
+  const Index d = 8, num_heads = 6, num_kv_heads = 2;
+  const Matrix<Scalar> q = random_matrix<Scalar>(n_q, num_heads * d, 131, 2.0);
+  const Matrix<Scalar> k = random_matrix<Scalar>(n_k, num_kv_heads * d, 132, 2.0);
+  const Matrix<Scalar> v = random_matrix<Scalar>(n_k, num_kv_heads * d, 133);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = true;
+  options.window = attn::SlidingWindow{n_k - 40, 0};
+  attn::Workspace<Scalar> workspace;
+  Matrix<Scalar> out, lse;
+  attn::flash_attention_into(q, k, v, attn::Heads{num_heads, num_kv_heads}, options, out, lse, workspace,
+                             attn::Mods{HeadScoreMod{}, HeadMaskMod{}});
+  for (Index head = 0; head < num_heads; ++head) {
+    INFO("head " << head);
+    const Index kv_head = head / 3;
+    // The modifiers as explicit matrices, on the reference path.
+    Matrix<Scalar> bias(n_q, n_k);
+    BoolMatrix keep(n_q, n_k);
+    for (Index i = 0; i < n_q; ++i) {
+      for (Index j = 0; j < n_k; ++j) {
+        bias(i, j) = Scalar(0.25) * Scalar(head) * Scalar(j % 7);
+        keep(i, j) = HeadMaskMod{}(i, j, head);
+      }
+    }
+    attn::AttentionOptions<Scalar> explicit_options = options;
+    explicit_options.bias = bias;
+    explicit_options.mask = keep;
+    Matrix<Scalar> weights;
+    const Matrix<Scalar> reference = attn::attention(q.middleCols(head * d, d), k.middleCols(kv_head * d, d),
+                                                     v.middleCols(kv_head * d, d), explicit_options, weights);
+    CHECK(max_abs_difference(out.middleCols(head * d, d), reference) <= agreement<Scalar>(reference));
+  }
+}
+
 TEMPLATE_TEST_CASE("score and mask modifiers match the reference path with explicit matrices", "[flash][mods]", float,
                    double) {
   using Scalar = TestType;

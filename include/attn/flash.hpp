@@ -198,26 +198,47 @@ constexpr Eigen::Index score_stride(Eigen::Index block_k) noexcept {
   return (block_k + per_line - 1) / per_line * per_line;
 }
 
-/// Attends rows [first_query, first_query + rows) of `head` to keys [key_begin, key_end),
-/// leaving the unnormalised output, row maxima and row sums in `slot`.
+/// The rows of one query block: `heads` consecutive query heads from `first_head`, all of
+/// one KV head, each with queries [first_query, first_query + queries). Row r of the block
+/// is query first_query + r % queries of head first_head + r / queries. Several heads share
+/// a block when grouped-query attention has few queries (decoding): then each key and value
+/// tile is read once for the whole group instead of once per query head.
+struct QueryBlock {
+  Eigen::Index first_head;
+  Eigen::Index heads;
+  Eigen::Index first_query;
+  Eigen::Index queries;
+
+  Eigen::Index rows() const noexcept { return heads * queries; }
+  Eigen::Index head_of(Eigen::Index row) const noexcept { return first_head + row / queries; }
+  Eigen::Index query_of(Eigen::Index row) const noexcept { return first_query + row % queries; }
+};
+
+/// Attends the rows of `block` to keys [key_begin, key_end), leaving the unnormalised
+/// output, row maxima and row sums in `slot`.
 template <typename Problem, typename Scalar>
-void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::Index head, Eigen::Index first_query,
-                        Eigen::Index rows, Eigen::Index key_begin, Eigen::Index key_end) {
+void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, const QueryBlock& block,
+                        Eigen::Index key_begin, Eigen::Index key_end) {
   using ScoreMod = std::decay_t<decltype(problem.score_mod)>;
   using MaskMod = std::decay_t<decltype(problem.mask_mod)>;
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   const Eigen::Index d_k = problem.d_k;
   const Eigen::Index d_v = problem.d_v;
-  const Eigen::Index kv_head = head / problem.heads_per_kv_head;
+  const Eigen::Index kv_head = block.first_head / problem.heads_per_kv_head;
   const KeyBand& band = problem.band;
-  const Eigen::Index last_query = first_query + rows - 1;
+  const Eigen::Index rows = block.rows();
+  const Eigen::Index first_query = block.first_query;
+  const Eigen::Index last_query = first_query + block.queries - 1;
 
   // queries: (rows × d_k), scaled once per block rather than once per score. A copy,
   // because a scaled view would make Eigen evaluate a temporary (an allocation) when a
   // single query row turns the tile product into a matrix-vector product; column-major like
   // Eigen's default, so that copying from a column-major q is a vectorised copy.
   auto queries = slot.queries.topLeftCorner(rows, d_k);
-  queries.noalias() = problem.scale * problem.q.block(first_query, head * d_k, rows, d_k);
+  for (Eigen::Index h = 0; h < block.heads; ++h) {
+    queries.middleRows(h * block.queries, block.queries).noalias() =
+        problem.scale * problem.q.block(first_query, (block.first_head + h) * d_k, block.queries, d_k);
+  }
   // accumulator: (rows × d_v)
   auto accumulator = slot.accumulator.topLeftCorner(rows, d_v);
   accumulator.setZero();
@@ -242,7 +263,8 @@ void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::
     scores.noalias() = queries * problem.k.block(first_key, kv_head * d_k, cols, d_k).transpose();
 
     for (Eigen::Index r = 0; r < rows; ++r) {
-      const Eigen::Index query = first_query + r;
+      const Eigen::Index query = block.query_of(r);
+      const Eigen::Index head = block.head_of(r);
       auto score_row = scores.row(r);
       if (!problem.options.bias.empty()) score_row += problem.options.bias.map().block(query, first_key, 1, cols);
       if constexpr (!is_identity_mod<ScoreMod>::value) {
@@ -294,17 +316,18 @@ void attend_query_block(const Problem& problem, FlashSlot<Scalar>& slot, Eigen::
 /// Normalises the accumulated rows into `out` (rows × d_v) and their log-sum-exp into
 /// `lse` (rows): a row that attended nothing gets zeros and −∞.
 template <typename Scalar, typename Out, typename Lse>
-void finish_query_block(FlashSlot<Scalar>& slot, Eigen::Index rows, Eigen::Index d_v, Out&& out, Lse&& lse) {
-  auto row_sum = slot.row_sum.head(rows);
+void finish_query_block(FlashSlot<Scalar>& slot, Eigen::Index first_row, Eigen::Index rows, Eigen::Index d_v, Out&& out,
+                        Lse&& lse) {
+  auto row_sum = slot.row_sum.segment(first_row, rows);
   for (Eigen::Index r = 0; r < rows; ++r) {
     const Scalar sum = row_sum(r);
-    lse(r) = sum > Scalar(0) ? slot.row_max(r) + std::log(sum) : -std::numeric_limits<Scalar>::infinity();
+    lse(r) = sum > Scalar(0) ? slot.row_max(first_row + r) + std::log(sum) : -std::numeric_limits<Scalar>::infinity();
     // A row that attended nothing has a zero accumulator: dividing by 1 keeps it zero.
     row_sum(r) = sum > Scalar(0) ? Scalar(1) / sum : Scalar(1);
   }
   // One assignment, so Eigen walks `out` in its own storage order: row by row, a
   // column-major output is written with a stride of n_q and thrashes the cache.
-  out.noalias() = row_sum.asDiagonal() * slot.accumulator.topLeftCorner(rows, d_v);
+  out.noalias() = row_sum.asDiagonal() * slot.accumulator.block(first_row, 0, rows, d_v);
 }
 
 inline std::string count_string(const char* what, Eigen::Index value) {
@@ -378,8 +401,17 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
   const Eigen::Index key_chunks =
       query_blocks == 1 ? std::max<Eigen::Index>(1, (key_span + split_key_chunk - 1) / split_key_chunk) : 1;
 
+  // With a single query block, the query heads of a group share their block when they fit:
+  // one pass over their KV head's keys and values serves them all.
+  const Eigen::Index group = num_heads / heads.num_kv_heads;
+  const Eigen::Index heads_per_block = query_blocks == 1 && group * n_q <= block_q ? group : 1;
+  const Eigen::Index head_blocks = num_heads / heads_per_block;
+  const auto query_block = [&](Eigen::Index head_block, Eigen::Index first_query, Eigen::Index queries) {
+    return QueryBlock{head_block * heads_per_block, heads_per_block, first_query, queries};
+  };
+
   // No more threads (and scratch slots) than there are work items.
-  const Eigen::Index items = num_heads * (key_chunks == 1 ? query_blocks : key_chunks);
+  const Eigen::Index items = head_blocks * (key_chunks == 1 ? query_blocks : key_chunks);
   const int threads = static_cast<int>(std::min<Eigen::Index>(resolve_thread_count(options.num_threads), items));
   if (workspace.slots.size() < static_cast<std::size_t>(threads)) workspace.slots.resize(static_cast<std::size_t>(threads));
   for (auto& slot : workspace.slots) {
@@ -393,12 +425,16 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
   if (key_chunks == 1) {
     parallel_for(items, threads, [&](Eigen::Index item, int thread) {
       auto& slot = workspace.slots[static_cast<std::size_t>(thread)];
-      const Eigen::Index head = item / query_blocks;
       const Eigen::Index first_query = (item % query_blocks) * block_q;
-      const Eigen::Index rows = std::min<Eigen::Index>(block_q, n_q - first_query);
-      attend_query_block(problem, slot, head, first_query, rows, 0, n_k);
-      finish_query_block(slot, rows, d_v, out.block(first_query, head * d_v, rows, d_v),
-                         lse.col(head).segment(first_query, rows));
+      const QueryBlock block =
+          query_block(item / query_blocks, first_query, std::min<Eigen::Index>(block_q, n_q - first_query));
+      attend_query_block(problem, slot, block, 0, n_k);
+      for (Eigen::Index h = 0; h < block.heads; ++h) {
+        const Eigen::Index head = block.first_head + h;
+        finish_query_block(slot, h * block.queries, block.queries, d_v,
+                           out.block(first_query, head * d_v, block.queries, d_v),
+                           lse.col(head).segment(first_query, block.queries));
+      }
     });
     return;
   }
@@ -408,12 +444,16 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
   grow_to(workspace.partial_lse, num_heads * key_chunks * n_q, 1);
   parallel_for(items, threads, [&](Eigen::Index item, int thread) {
     auto& slot = workspace.slots[static_cast<std::size_t>(thread)];
-    const Eigen::Index head = item / key_chunks;
-    const Eigen::Index chunk_begin = key_from + (item % key_chunks) * split_key_chunk;
+    const Eigen::Index chunk = item % key_chunks;
+    const Eigen::Index chunk_begin = key_from + chunk * split_key_chunk;
     const Eigen::Index chunk_end = std::min(chunk_begin + split_key_chunk, key_from + key_span);
-    attend_query_block(problem, slot, head, 0, n_q, chunk_begin, chunk_end);
-    finish_query_block(slot, n_q, d_v, workspace.partial_out.block(item * n_q, 0, n_q, d_v),
-                       workspace.partial_lse.segment(item * n_q, n_q));
+    const QueryBlock block = query_block(item / key_chunks, 0, n_q);
+    attend_query_block(problem, slot, block, chunk_begin, chunk_end);
+    for (Eigen::Index h = 0; h < block.heads; ++h) {
+      const Eigen::Index first_row = ((block.first_head + h) * key_chunks + chunk) * n_q;
+      finish_query_block(slot, h * n_q, n_q, d_v, workspace.partial_out.block(first_row, 0, n_q, d_v),
+                         workspace.partial_lse.segment(first_row, n_q));
+    }
   });
   parallel_for(num_heads, threads, [&](Eigen::Index head, int /*thread*/) {
     auto head_out = out.block(0, head * d_v, n_q, d_v);
