@@ -54,7 +54,11 @@
 #include <attn/attn.hpp>
 #include <attn/flash.hpp>
 
+#include "load_probe.hpp"
+
 namespace {
+
+using attn_bench::LoadProbe;
 
 using Matrix = Eigen::MatrixXf;  // column-major, as a projection x·W produces
 using RowMajorMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -102,50 +106,6 @@ void set_rate(benchmark::State& state, const char* name, double per_iteration) {
       benchmark::Counter(per_iteration * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 
-/// Measures how much of the machine the case had: on a shared machine another process
-/// taking a core halves a 2-thread run (and worse: Eigen's GEMM threads spin at their
-/// barriers while one of them is descheduled). Reports `other_cpus`, the CPUs other
-/// processes kept busy on average during the timed loop (from /proc/stat, Linux only),
-/// so that ratios.py can flag a comparison made under interference.
-class LoadProbe {
- public:
-  LoadProbe() : busy_(busy_seconds()), own_(own_seconds()), start_(std::chrono::steady_clock::now()) {}
-
-  void report(benchmark::State& state) const {
-    const double busy = busy_seconds();
-    if (busy < 0.0 || busy_ < 0.0) return;
-    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    const double other = (busy - busy_) - (own_seconds() - own_);
-    if (wall > 0.0) state.counters["other_cpus"] = std::max(0.0, other / wall);
-  }
-
- private:
-  /// CPU-seconds all processes have spent busy since boot, or −1 without /proc/stat.
-  /// Steal time (the hypervisor running someone else) counts as busy: it is lost too.
-  static double busy_seconds() {
-#if defined(__linux__)
-    std::ifstream stat("/proc/stat");
-    std::string cpu;
-    long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
-    if (!(stat >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal) || cpu != "cpu") {
-      return -1.0;
-    }
-    return static_cast<double>(user + nice + system + irq + softirq + steal) / static_cast<double>(sysconf(_SC_CLK_TCK));
-#else
-    return -1.0;
-#endif
-  }
-
-  static double own_seconds() {
-    timespec now{};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
-    return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
-  }
-
-  double busy_;
-  double own_;
-  std::chrono::steady_clock::time_point start_;
-};
 
 void set_scratch(benchmark::State& state, double bytes) {
   state.counters["scratch_bytes"] = benchmark::Counter(bytes, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);

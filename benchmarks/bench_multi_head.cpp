@@ -79,7 +79,11 @@
 
 #include <attn/attn.hpp>
 
+#include "load_probe.hpp"
+
 namespace {
+
+using attn_bench::LoadProbe;
 
 using Matrix = Eigen::MatrixXf;
 
@@ -138,47 +142,6 @@ void set_bytes(benchmark::State& state, const char* name, double bytes) {
   state.counters[name] = benchmark::Counter(bytes, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
 }
 
-/// `other_cpus`: the CPUs other processes kept busy on average during the timed loop (from
-/// /proc/stat, Linux only), so that a case measured under interference can be told. The
-/// same probe as bench_attention.cpp's.
-class LoadProbe {
- public:
-  LoadProbe() : busy_(busy_seconds()), own_(own_seconds()), start_(std::chrono::steady_clock::now()) {}
-
-  void report(benchmark::State& state) const {
-    const double busy = busy_seconds();
-    if (busy < 0.0 || busy_ < 0.0) return;
-    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    const double other = (busy - busy_) - (own_seconds() - own_);
-    if (wall > 0.0) state.counters["other_cpus"] = std::max(0.0, other / wall);
-  }
-
- private:
-  /// CPU-seconds all processes have spent busy since boot (steal included), or −1.
-  static double busy_seconds() {
-#if defined(__linux__)
-    std::ifstream stat("/proc/stat");
-    std::string cpu;
-    long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
-    if (!(stat >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal) || cpu != "cpu") {
-      return -1.0;
-    }
-    return static_cast<double>(user + nice + system + irq + softirq + steal) / static_cast<double>(sysconf(_SC_CLK_TCK));
-#else
-    return -1.0;
-#endif
-  }
-
-  static double own_seconds() {
-    timespec now{};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
-    return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
-  }
-
-  double busy_;
-  double own_;
-  std::chrono::steady_clock::time_point start_;
-};
 
 /// Sets Eigen's own thread count (its GEMMs, here the projections) for a scope, and
 /// restores the previous one.
