@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -78,7 +79,7 @@ class KVCache {
   Eigen::Index size(Eigen::Index layer) const { return sizes_[index(layer)]; }
 
   /// The stored keys of `layer`: size(layer) × key_width, oldest token first. A view: it
-  /// stays valid until the cache reallocates (`reserve`, or growing on overflow).
+  /// stays valid until the cache reallocates (`reserve`, or growing on overflow) or is moved.
   ConstRows keys(Eigen::Index layer) const {
     const std::size_t l = index(layer);
     return ConstRows(keys_[l], 0, 0, sizes_[l], key_width_);
@@ -104,6 +105,10 @@ class KVCache {
                              " of " + std::to_string(capacity_) + " tokens and cannot take " + std::to_string(count) +
                              " more (reserve a larger capacity, or construct with CacheOverflow::grow)");
       }
+      if (count > std::numeric_limits<Eigen::Index>::max() / 2 - first) {
+        detail::throw_invalid_argument("attn::KVCache::extend: cannot grow layer " + std::to_string(layer) +
+                                       " by " + std::to_string(count) + " tokens (size overflow)");
+      }
       reserve(std::max(first + count, 2 * capacity_));
     }
     sizes_[l] = first + count;
@@ -121,7 +126,18 @@ class KVCache {
     detail::require_shape(operation, detail::operand("keys", keys), keys.rows(), key_width_, "count x key_width");
     detail::require_shape(operation, detail::operand("values", values), keys.rows(), value_width_,
                           "keys.rows() x value_width");
-    NewRows rows = extend(layer, keys.rows());
+    const Eigen::Index count = keys.rows();
+    if (count > capacity_ - size(layer) && on_overflow_ == CacheOverflow::grow) {
+      // Growing frees the old storage, which the inputs may be views of (copying a layer,
+      // or a shared prefix): copy them out first.
+      const Storage new_keys = keys;
+      const Storage new_values = values;
+      NewRows rows = extend(layer, count);
+      rows.keys = new_keys;
+      rows.values = new_values;
+      return;
+    }
+    NewRows rows = extend(layer, count);
     rows.keys = keys;
     rows.values = values;
   }
@@ -141,8 +157,14 @@ class KVCache {
   /// Forgets all but the first `size` tokens of every layer (rolling back a speculative or
   /// rejected continuation).
   void truncate(Eigen::Index size) {
+    for (Eigen::Index layer = 0; layer < num_layers(); ++layer) truncate(layer, size);
+  }
+
+  /// Forgets all but the first `size` tokens of `layer`.
+  void truncate(Eigen::Index layer, Eigen::Index size) {
+    const std::size_t l = index(layer);
     if (size < 0) detail::throw_invalid_argument("attn::KVCache::truncate: size must be >= 0, got " + std::to_string(size));
-    for (auto& stored : sizes_) stored = std::min(stored, size);
+    sizes_[l] = std::min(sizes_[l], size);
   }
 
   /// Bytes of key and value storage held.
