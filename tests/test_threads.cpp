@@ -98,7 +98,7 @@ TEST_CASE("an exception thrown by a modifier on a worker thread reaches the call
   CHECK_THROWS_WITH(run(), "key 7 is not allowed");
 }
 
-TEST_CASE("MultiHeadAttention: batches and decode steps give the same bits on any thread count",
+TEST_CASE("MultiHeadAttention: batches give the same bits on any thread count",
           "[threads][multi_head]") {
   using Matrix = Eigen::MatrixXf;
   attn::MultiHeadOptions shape;
@@ -126,17 +126,37 @@ TEST_CASE("MultiHeadAttention: batches and decode steps give the same bits on an
     }
   }
 
-  // A decode step over a cache long enough for the key split, chunks on several threads.
-  const Matrix tokens = attn_test::random_matrix<float>(1100, 32, 6);
-  Matrix outputs[2];
-  for (const int threads : {1, 2}) {
+}
+
+TEST_CASE("decode steps: the same bits on any thread count, and scratch sized once", "[threads][multi_head][decode]") {
+  using Matrix = Eigen::MatrixXf;
+  // Multi-query attention: its single KV head makes the fewest work items, so the thread
+  // slots a step needs grow most with the cache (one per key chunk).
+  attn::MultiHeadOptions shape;
+  shape.num_kv_heads = 1;
+  attn::MultiHeadAttentionf module(32, 4, shape);
+  module.set_weights(attn_test::random_matrix<float>(32, 32, 1), attn_test::random_matrix<float>(32, 8, 2),
+                     attn_test::random_matrix<float>(32, 8, 3), attn_test::random_matrix<float>(32, 32, 4));
+  // Long enough for the key split, whose chunks run on several threads.
+  const Matrix tokens = attn_test::random_matrix<float>(2200, 32, 6);
+  Matrix outputs[3];
+  for (const int threads : {1, 2, 3}) {
+    INFO(threads << " threads");
     auto cache = module.make_cache(1, tokens.rows());
     attn::MultiHeadWorkspace<float> workspace;
     attn::AttentionOptionsf step;
     step.num_threads = threads;
     Matrix out;
-    for (Index t = 0; t < tokens.rows(); ++t) module.forward_into(tokens.middleRows(t, 1), cache, 0, step, out, workspace);
+    module.forward_into(tokens.topRows(1), cache, 0, step, out, workspace);
+    // The first step sized everything for the cache's capacity: no step after it grows the
+    // scratch (which would allocate), neither the buffers nor the per-thread slots.
+    const std::size_t bytes = workspace.bytes();
+    const std::size_t slots = workspace.flash.slots.size();
+    for (Index t = 1; t < tokens.rows(); ++t) module.forward_into(tokens.middleRows(t, 1), cache, 0, step, out, workspace);
+    CHECK(workspace.bytes() == bytes);
+    CHECK(workspace.flash.slots.size() == slots);
     outputs[threads - 1] = out;
   }
-  CHECK(outputs[0] == outputs[1]);
+  CHECK(outputs[1] == outputs[0]);
+  CHECK(outputs[2] == outputs[0]);
 }

@@ -370,6 +370,21 @@ void check_flash(const char* operation, const Eigen::MatrixBase<DerivedQ>& q, co
   require_defined_scale(operation, options, d_k);
 }
 
+/// Gives `workspace` at least `threads` slots, each sized for block_q × block_k tiles of
+/// heads d_k wide (queries) and d_v wide (values).
+template <typename Scalar>
+void reserve_slots(Workspace<Scalar>& workspace, int threads, Eigen::Index block_q, Eigen::Index block_k,
+                   Eigen::Index d_k, Eigen::Index d_v) {
+  if (workspace.slots.size() < static_cast<std::size_t>(threads)) workspace.slots.resize(static_cast<std::size_t>(threads));
+  for (auto& slot : workspace.slots) {
+    grow_to(slot.queries, block_q, d_k);
+    grow_to(slot.score_storage, block_q * score_stride<Scalar>(block_k), 1);
+    grow_to(slot.accumulator, block_q, d_v);
+    grow_to(slot.row_max, block_q, 1);
+    grow_to(slot.row_sum, block_q, 1);
+  }
+}
+
 /// The driver: splits the problem into independent work items (head × query block, or
 /// head × key chunk when there is a single query block), runs them over the threads, and
 /// merges key chunks in a fixed order.
@@ -413,14 +428,7 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
   // No more threads (and scratch slots) than there are work items.
   const Eigen::Index items = head_blocks * (key_chunks == 1 ? query_blocks : key_chunks);
   const int threads = static_cast<int>(std::min<Eigen::Index>(resolve_thread_count(options.num_threads), items));
-  if (workspace.slots.size() < static_cast<std::size_t>(threads)) workspace.slots.resize(static_cast<std::size_t>(threads));
-  for (auto& slot : workspace.slots) {
-    grow_to(slot.queries, block_q, d_k);
-    grow_to(slot.score_storage, block_q * problem.score_stride, 1);
-    grow_to(slot.accumulator, block_q, d_v);
-    grow_to(slot.row_max, block_q, 1);
-    grow_to(slot.row_sum, block_q, 1);
-  }
+  reserve_slots(workspace, threads, block_q, block_k, d_k, d_v);
 
   if (key_chunks == 1) {
     parallel_for(items, threads, [&](Eigen::Index item, int thread) {

@@ -9,6 +9,7 @@
 /// The attention itself runs in the tiled kernel (flash.hpp): no n_q×n_k matrix exists
 /// unless the attention weights are asked for.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdlib>
 #include <optional>
@@ -264,8 +265,10 @@ class MultiHeadAttention {
 
   /// Attention of `query` (n_q×E) over `key` (n_k×kdim) and `value` (n_k×vdim), written
   /// into `out` (n_q×E; a plain matrix is resized). Self-attention passes the same matrix
-  /// three times. With the workspace and `out` kept across same-sized calls, nothing is
-  /// allocated. `out` must not alias an input.
+  /// three times. With the workspace and `out` kept across same-sized calls, attn allocates
+  /// nothing; Eigen's products for the projections allocate their blocking buffers when
+  /// the matrices outgrow EIGEN_STACK_ALLOCATION_LIMIT (in float, from about E = 256 at a
+  /// few hundred tokens). `out` must not alias an input.
   template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Out>
   void forward_into(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
                     const Eigen::MatrixBase<DerivedV>& value, const AttentionOptions<Scalar>& options, Out&& out,
@@ -427,13 +430,16 @@ class MultiHeadAttention {
 
   /// A decode step: self-attention of the new tokens `x` (n_new×E, usually one row) over
   /// everything `layer` of `cache` holds plus themselves. Their keys and values are
-  /// projected straight into the cache (appended, so the cache grows by n_new), and the
+  /// appended to the cache (which grows by n_new), and the
   /// causal rule always applies (bottom-right: new token i sees the cache and new tokens
   /// 0…i), so feeding a sequence in steps gives what one causal `forward` over it gives.
   /// Extra options (a window, a scale, a mask or bias of n_new×(size + n_new)) apply on
-  /// top. The work is O((size + n_new)·E) per new token; with `out`, the workspace and the
-  /// cache's capacity kept across steps, a step allocates nothing. Overflowing the cache
-  /// throws `capacity_error` before anything is written, or grows it (see `CacheOverflow`).
+  /// top. The work per new token is O(E²) for its projections and O((size + n_new)·E) for
+  /// the attention. With `out`, the workspace and the cache's capacity kept across steps, a
+  /// one-token step allocates nothing, at any thread count (tested up to E = 512); several
+  /// tokens at once may make Eigen allocate the blocking buffers of its matrix products.
+  /// Overflowing the cache throws `capacity_error` or grows it (see `CacheOverflow`); if the
+  /// step throws, the cache is left as it was.
   template <typename DerivedX, typename Out>
   void forward_into(const Eigen::MatrixBase<DerivedX>& x, KVCache<Scalar>& cache, Eigen::Index layer,
                     const AttentionOptions<Scalar>& options, Out&& out, MultiHeadWorkspace<Scalar>& workspace) const {
@@ -464,26 +470,36 @@ class MultiHeadAttention {
     detail::validate_options(operation, step, n_new, n_total);
     detail::fit_output(operation, "out", out, n_new, embed_dim_);
 
-    // Only now, with every check passed, does the cache change.
-    auto new_rows = cache.extend(layer, n_new);
-    new_rows.keys.noalias() = x * key_weight_;
-    new_rows.values.noalias() = x * value_weight_;
-    if (bias_) {
-      new_rows.keys.rowwise() += key_bias_;
-      new_rows.values.rowwise() += value_bias_;
-    }
+    // Everything that can allocate or throw, before the cache changes: the new tokens'
+    // projections go to the workspace (column-major, where Eigen's products need no heap
+    // for one token), the scratch is sized for the cache's whole capacity.
     detail::grow_to(workspace.queries, n_new, embed_dim_);
+    detail::grow_to(workspace.keys, n_new, kv_width());
+    detail::grow_to(workspace.values, n_new, kv_width());
     detail::grow_to(workspace.context, n_new, embed_dim_);
     auto queries = workspace.queries.topLeftCorner(n_new, embed_dim_);
+    auto keys = workspace.keys.topLeftCorner(n_new, kv_width());
+    auto values = workspace.values.topLeftCorner(n_new, kv_width());
     auto context = workspace.context.topLeftCorner(n_new, embed_dim_);
     project(x, query_weight_, query_bias_, queries);
+    project(x, key_weight_, key_bias_, keys);
+    project(x, value_weight_, value_bias_, values);
     if (rope_) {
       // The new tokens sit at positions n_past, n_past + 1, …: the cache keeps rotated keys.
       apply_rope_inplace(queries, n_past, head_dim(), *rope_);
-      apply_rope_inplace(new_rows.keys, n_past, head_dim(), *rope_);
+      apply_rope_inplace(keys, n_past, head_dim(), *rope_);
     }
-    reserve_key_split(workspace.flash, n_new, cache.capacity());
-    attend(queries, cache.keys(layer), cache.values(layer), step, context, workspace.flash);
+    reserve_decode(workspace.flash, n_new, std::max(cache.capacity(), n_total), step.num_threads);
+
+    auto new_rows = cache.extend(layer, n_new);
+    new_rows.keys = keys;
+    new_rows.values = values;
+    try {
+      attend(queries, cache.keys(layer), cache.values(layer), step, context, workspace.flash);
+    } catch (...) {
+      cache.truncate(layer, n_past);
+      throw;
+    }
     project_output(context, out);
   }
 
@@ -611,12 +627,18 @@ class MultiHeadAttention {
     project(context, output_weight_, output_bias_, out);
   }
 
-  /// Sizes the key split's partial results for any cache length up to `capacity`, so that
-  /// a growing cache does not make a later decode step allocate.
-  void reserve_key_split(Workspace<Scalar>& flash, Eigen::Index n_new, Eigen::Index capacity) const {
-    if (n_new == 0 || n_new > default_block_q<Scalar>) return;
+  /// Sizes the tiled kernel's scratch for any cache length up to `capacity`: its thread
+  /// slots and the key split's partial results grow with the cache, and would otherwise
+  /// make a later decode step allocate.
+  void reserve_decode(Workspace<Scalar>& flash, Eigen::Index n_new, Eigen::Index capacity, int num_threads) const {
+    const Eigen::Index d = head_dim();
     const Eigen::Index chunks = std::max<Eigen::Index>(1, (capacity + split_key_chunk - 1) / split_key_chunk);
-    detail::grow_to(flash.partial_out, num_heads_ * chunks * n_new, head_dim());
+    const auto threads = static_cast<int>(
+        std::min<Eigen::Index>(detail::resolve_thread_count(num_threads), num_heads_ * chunks));
+    detail::reserve_slots(flash, threads, default_block_q<Scalar>, default_block_k<Scalar>(d), d, d);
+    detail::grow_to(flash.lse, n_new, num_heads_);
+    if (n_new == 0 || n_new > default_block_q<Scalar>) return;
+    detail::grow_to(flash.partial_out, num_heads_ * chunks * n_new, d);
     detail::grow_to(flash.partial_lse, num_heads_ * chunks * n_new, 1);
   }
 
