@@ -99,6 +99,8 @@ TEMPLATE_TEST_CASE("apply_rope matches a loop reference for both styles", "[rope
   CHECK(max_abs_difference(rotated, expected) <= tol);
   // Any integer type, either orientation, the Rope form and the in-place form agree bitwise.
   CHECK(attn::apply_rope(x, positions_index, head_dim, attn::Rope{base, style}) == rotated);
+  // The first-position form takes base and style as the positions form does.
+  CHECK(attn::apply_rope(x, 7, head_dim, base, style) == attn::apply_rope(x, 7, head_dim, attn::Rope{base, style}));
   Matrix<Scalar> in_place = x;
   attn::apply_rope_inplace(in_place, positions_int.transpose(), head_dim, attn::Rope{base, style});
   CHECK(in_place == rotated);

@@ -231,4 +231,11 @@ typename Derived::PlainObject apply_rope(const Eigen::MatrixBase<Derived>& x, Ei
   return rotated;
 }
 
+/// As above, with base and style spelled out like the positions form takes them.
+template <typename Derived>
+typename Derived::PlainObject apply_rope(const Eigen::MatrixBase<Derived>& x, Eigen::Index first_position,
+                                         Eigen::Index head_dim, double base, RopeStyle style = RopeStyle::halves) {
+  return apply_rope(x, first_position, head_dim, Rope{base, style});
+}
+
 }  // namespace attn
