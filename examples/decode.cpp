@@ -48,6 +48,10 @@ Eigen::Index next_token(const Eigen::MatrixXf& embeddings, const Eigen::RowVecto
 
 int main(int argc, char** argv) {
   const Eigen::Index to_generate = argc > 1 ? std::atoll(argv[1]) : 256;
+  if (to_generate < 0) {
+    std::cerr << "usage: decode [TOKENS], TOKENS >= 0\n";
+    return 2;
+  }
   std::mt19937 rng(7);
   const Eigen::MatrixXf embeddings = random_uniform(vocabulary, embed_dim, 1.0f, rng);
 
@@ -68,7 +72,8 @@ int main(int argc, char** argv) {
 
   const std::vector<Eigen::Index> prompt = {3, 14, 15, 9, 26, 5, 35, 8};
   const Eigen::Index capacity = static_cast<Eigen::Index>(prompt.size()) + to_generate;
-  // Storage for the whole text up front: no step allocates.
+  // Storage for the whole text up front: the cache never reallocates, and with the
+  // workspace kept, the attention steps allocate nothing (the sampling below does).
   auto cache = layers.front().make_cache(num_layers, capacity);
   attn::MultiHeadWorkspace<float> workspace;
   Eigen::MatrixXf hidden;
@@ -102,7 +107,7 @@ int main(int argc, char** argv) {
   std::cout << "\ngenerated:";
   for (std::size_t i = prompt.size(); i < text.size() && i < prompt.size() + 24; ++i) std::cout << ' ' << text[i];
   if (to_generate > 24) std::cout << " …";
-  std::cout << "\n" << to_generate << " tokens in " << seconds * 1e3 << " ms: " << double(to_generate) / seconds
+  std::cout << "\n" << to_generate << " tokens (sampling included) in " << seconds * 1e3 << " ms: " << double(to_generate) / seconds
             << " tokens/s (" << num_layers << " layers, cache of " << cache.size(0) << " tokens, "
             << cache.bytes() / 1024 << " KiB)\n";
 

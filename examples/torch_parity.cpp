@@ -5,11 +5,15 @@
 ///
 ///     torch_parity [DIRECTORY [NUM_HEADS]]
 ///
-/// DIRECTORY holds in_proj_weight.npy, out_proj_weight.npy (and in_proj_bias.npy,
-/// out_proj_bias.npy when the module has biases), query.npy, key.npy, value.npy and
-/// PyTorch's output.npy, as the README's "From PyTorch" snippet writes them. The default is
-/// a fixture committed with attn's tests (made by tests/fixtures/torch/make_torch_fixtures.py),
-/// whose config.txt also gives NUM_HEADS.
+/// DIRECTORY holds the module's parameters as the README's "From PyTorch" snippet saves
+/// them (in_proj_weight.npy, or q_proj_weight.npy, k_proj_weight.npy and v_proj_weight.npy
+/// for a module with kdim/vdim; out_proj_weight.npy; in_proj_bias.npy and out_proj_bias.npy
+/// when it has biases), plus the inputs and PyTorch's output of one unmasked call, saved
+/// the same way: query.npy, key.npy, value.npy and output.npy (`np.save("output.npy",
+/// mha(q, k, v)[0].detach().numpy())`). The default is a fixture committed with attn's
+/// tests (made by tests/fixtures/torch/make_torch_fixtures.py), whose config.txt also
+/// gives NUM_HEADS. Masks are not this example's business (tests/test_multi_head.cpp runs
+/// them): a directory with attn_mask.npy or key_padding_mask.npy is refused.
 
 #include <algorithm>
 #include <cstdlib>
@@ -48,21 +52,35 @@ int main(int argc, char** argv) {
   }
   const auto load = [&](const char* name) { return attn::npy::load<float>(directory / (std::string(name) + ".npy")); };
   const bool has_bias = fs::exists(directory / "in_proj_bias.npy");
+  const bool separate = fs::exists(directory / "q_proj_weight.npy");
+  for (const char* mask : {"attn_mask.npy", "key_padding_mask.npy"}) {
+    if (fs::exists(directory / mask)) {
+      std::cerr << "torch_parity compares unmasked calls, but " << (directory / mask) << " exists\n";
+      return 2;
+    }
+  }
 
   try {
     // The module's shape follows from its tensors: out_proj.weight is E×E.
     const Eigen::MatrixXf out_proj_weight = load("out_proj_weight");
+    const Eigen::MatrixXf query = load("query");
+    const Eigen::MatrixXf key = load("key");
+    const Eigen::MatrixXf value = load("value");
     attn::MultiHeadOptions options;
     options.bias = has_bias;
+    options.kdim = key.cols();  // PyTorch's kdim and vdim: the widths of the inputs
+    options.vdim = value.cols();
     attn::MultiHeadAttentionf module(out_proj_weight.rows(), num_heads, options);
     // PyTorch's None biases are empty matrices here.
     const Eigen::MatrixXf in_proj_bias = has_bias ? load("in_proj_bias") : Eigen::MatrixXf();
     const Eigen::MatrixXf out_proj_bias = has_bias ? load("out_proj_bias") : Eigen::MatrixXf();
-    module.load_torch(load("in_proj_weight"), in_proj_bias, out_proj_weight, out_proj_bias);
+    if (separate) {
+      module.load_torch(load("q_proj_weight"), load("k_proj_weight"), load("v_proj_weight"), in_proj_bias,
+                        out_proj_weight, out_proj_bias);
+    } else {
+      module.load_torch(load("in_proj_weight"), in_proj_bias, out_proj_weight, out_proj_bias);
+    }
 
-    const Eigen::MatrixXf query = load("query");
-    const Eigen::MatrixXf key = load("key");
-    const Eigen::MatrixXf value = load("value");
     const Eigen::MatrixXf output = module.forward(query, key, value);
     const Eigen::MatrixXf expected = load("output");
 
