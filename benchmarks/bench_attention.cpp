@@ -54,11 +54,14 @@
 #include <attn/attn.hpp>
 #include <attn/flash.hpp>
 
-#include "load_probe.hpp"
+#include "bench_common.hpp"
 
 namespace {
 
 using attn_bench::LoadProbe;
+using attn_bench::set_rate;
+using attn_bench::take_max_n;
+using attn_bench::thread_counts;
 
 using Matrix = Eigen::MatrixXf;  // column-major, as a projection x·W produces
 using RowMajorMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -100,16 +103,7 @@ double attention_flops(Eigen::Index heads, Eigen::Index n, Eigen::Index d, bool 
   return causal ? full / 2.0 : full;
 }
 
-void set_rate(benchmark::State& state, const char* name, double per_iteration) {
-  // kIsRate divides by the run's (real) time, so the counter holds the total of all iterations.
-  state.counters[name] =
-      benchmark::Counter(per_iteration * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-}
-
-
-void set_scratch(benchmark::State& state, double bytes) {
-  state.counters["scratch_bytes"] = benchmark::Counter(bytes, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
-}
+void set_scratch(benchmark::State& state, double bytes) { attn_bench::set_bytes(state, "scratch_bytes", bytes); }
 
 struct Shape {
   Eigen::Index d;
@@ -230,15 +224,6 @@ void BM_decode(benchmark::State& state) {
   set_scratch(state, static_cast<double>(workspace.bytes()));
 }
 
-/// 1 and every thread OpenMP offers (2 on the reference machine); just 1 without OpenMP.
-std::vector<int> thread_counts() {
-  std::vector<int> counts{1};
-#if defined(_OPENMP)
-  if (omp_get_max_threads() > 1) counts.push_back(omp_get_max_threads());
-#endif
-  return counts;
-}
-
 const std::vector<std::string> shape_arg_names{"d", "H", "N", "causal", "threads"};
 
 /// Milliseconds and wall-clock time for every case. The run stays bounded without per-case
@@ -292,49 +277,13 @@ void register_all(std::int64_t max_n) {
   }
 }
 
-/// Removes `--attn_max_n=N` from argv (Google Benchmark rejects flags it does not know).
-std::int64_t take_max_n(int& argc, char** argv) {
-  std::int64_t max_n = INT64_MAX;
-  const char* flag = "--attn_max_n=";
-  int kept = 1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], flag, std::strlen(flag)) == 0) {
-      max_n = std::strtoll(argv[i] + std::strlen(flag), nullptr, 10);
-    } else {
-      argv[kept++] = argv[i];
-    }
-  }
-  argc = kept;
-  return max_n;
-}
-
-void add_context() {
-  benchmark::AddCustomContext("attn_version", std::to_string(attn::version_major) + "." +
-                                                  std::to_string(attn::version_minor) + "." +
-                                                  std::to_string(attn::version_patch));
-  benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
-                                                   std::to_string(EIGEN_MAJOR_VERSION) + "." +
-                                                   std::to_string(EIGEN_MINOR_VERSION));
-  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
-#if defined(ATTN_BENCHMARK_NATIVE)
-  benchmark::AddCustomContext("march_native", "1");
-#else
-  benchmark::AddCustomContext("march_native", "0");
-#endif
-#if defined(_OPENMP)
-  benchmark::AddCustomContext("openmp_max_threads", std::to_string(omp_get_max_threads()));
-#else
-  benchmark::AddCustomContext("openmp_max_threads", "0 (built without OpenMP)");
-#endif
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::int64_t max_n = take_max_n(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  add_context();
+  attn_bench::add_common_context();
   register_all(max_n);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

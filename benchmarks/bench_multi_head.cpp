@@ -79,11 +79,15 @@
 
 #include <attn/attn.hpp>
 
-#include "load_probe.hpp"
+#include "bench_common.hpp"
 
 namespace {
 
 using attn_bench::LoadProbe;
+using attn_bench::set_rate;
+using attn_bench::take_max_n;
+using attn_bench::thread_counts;
+using attn_bench::set_bytes;
 
 using Matrix = Eigen::MatrixXf;
 
@@ -131,17 +135,6 @@ const Matrix& tokens_for(Eigen::Index n) {
   }
   return tokens;
 }
-
-void set_rate(benchmark::State& state, const char* name, double per_iteration) {
-  // kIsRate divides by the run's (real) time, so the counter holds the total of all iterations.
-  state.counters[name] =
-      benchmark::Counter(per_iteration * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-}
-
-void set_bytes(benchmark::State& state, const char* name, double bytes) {
-  state.counters[name] = benchmark::Counter(bytes, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
-}
-
 
 /// Sets Eigen's own thread count (its GEMMs, here the projections) for a scope, and
 /// restores the previous one.
@@ -389,15 +382,6 @@ void BM_read(benchmark::State& state) {
 // ---------------------------------------------------------------------------------------
 // Registration
 
-/// 1 and every thread OpenMP offers (2 on the reference machine); just 1 without OpenMP.
-std::vector<int> thread_counts() {
-  std::vector<int> counts{1};
-#if defined(_OPENMP)
-  if (omp_get_max_threads() > 1) counts.push_back(omp_get_max_threads());
-#endif
-  return counts;
-}
-
 /// Every case runs three times and reports the median (with mean, stddev and cv): on a
 /// shared host one run can be disturbed by another tenant of the L3 or the memory bus. The
 /// JSON keeps each repetition and the aggregates; the console shows the aggregates. Set
@@ -452,40 +436,9 @@ void register_all(std::int64_t max_n) {
   }
 }
 
-/// Removes `--attn_max_n=N` from argv (Google Benchmark rejects flags it does not know).
-std::int64_t take_max_n(int& argc, char** argv) {
-  std::int64_t max_n = INT64_MAX;
-  const char* flag = "--attn_max_n=";
-  int kept = 1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], flag, std::strlen(flag)) == 0) {
-      max_n = std::strtoll(argv[i] + std::strlen(flag), nullptr, 10);
-    } else {
-      argv[kept++] = argv[i];
-    }
-  }
-  argc = kept;
-  return max_n;
-}
-
 void add_context() {
-  benchmark::AddCustomContext("attn_version", std::to_string(attn::version_major) + "." +
-                                                  std::to_string(attn::version_minor) + "." +
-                                                  std::to_string(attn::version_patch));
-  benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
-                                                   std::to_string(EIGEN_MAJOR_VERSION) + "." +
-                                                   std::to_string(EIGEN_MINOR_VERSION));
-  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
-#if defined(ATTN_BENCHMARK_NATIVE)
-  benchmark::AddCustomContext("march_native", "1");
-#else
-  benchmark::AddCustomContext("march_native", "0");
-#endif
-#if defined(_OPENMP)
-  benchmark::AddCustomContext("openmp_max_threads", std::to_string(omp_get_max_threads()));
-#else
-  benchmark::AddCustomContext("openmp_max_threads", "0 (built without OpenMP)");
-#endif
+  attn_bench::add_common_context();
+
   benchmark::AddCustomContext("embed_dim", std::to_string(embed_dim));
   benchmark::AddCustomContext("num_heads", std::to_string(num_heads));
   benchmark::AddCustomContext("kinds", "mha: num_kv_heads = 8, gqa: num_kv_heads = 2");
