@@ -277,11 +277,7 @@ class MultiHeadAttention {
     detail::require_writable<Out>();
     check_inputs(operation, query, key, value, options);
     detail::fit_output(operation, "out", out, query.rows(), embed_dim_);
-    project_inputs(query, key, value, workspace);
-    auto queries = workspace.queries.topLeftCorner(query.rows(), embed_dim_);
-    auto keys = workspace.keys.topLeftCorner(key.rows(), kv_width());
-    auto values = workspace.values.topLeftCorner(key.rows(), kv_width());
-    auto context = workspace.context.topLeftCorner(query.rows(), embed_dim_);
+    auto [queries, keys, values, context] = project_inputs(query, key, value, workspace);
     rotate(queries, keys);
     attend(queries, keys, values, options, context, workspace.flash);
     project_output(context, out);
@@ -303,11 +299,7 @@ class MultiHeadAttention {
     const Eigen::Index n_k = key.rows();
     detail::fit_output(operation, "out", out, n_q, embed_dim_);
     detail::fit_output(operation, "weights", weights, which == AttentionWeights::per_head ? num_heads_ * n_q : n_q, n_k);
-    project_inputs(query, key, value, workspace);
-    auto queries = workspace.queries.topLeftCorner(n_q, embed_dim_);
-    auto keys = workspace.keys.topLeftCorner(n_k, kv_width());
-    auto values = workspace.values.topLeftCorner(n_k, kv_width());
-    auto context = workspace.context.topLeftCorner(n_q, embed_dim_);
+    auto [queries, keys, values, context] = project_inputs(query, key, value, workspace);
     detail::grow_to(workspace.scores, n_q, n_k);
     auto scores = workspace.scores.topLeftCorner(n_q, n_k);
     rotate(queries, keys);
@@ -473,17 +465,7 @@ class MultiHeadAttention {
     // Everything that can allocate or throw, before the cache changes: the new tokens'
     // projections go to the workspace (column-major, where Eigen's products need no heap
     // for one token), the scratch is sized for the cache's whole capacity.
-    detail::grow_to(workspace.queries, n_new, embed_dim_);
-    detail::grow_to(workspace.keys, n_new, kv_width());
-    detail::grow_to(workspace.values, n_new, kv_width());
-    detail::grow_to(workspace.context, n_new, embed_dim_);
-    auto queries = workspace.queries.topLeftCorner(n_new, embed_dim_);
-    auto keys = workspace.keys.topLeftCorner(n_new, kv_width());
-    auto values = workspace.values.topLeftCorner(n_new, kv_width());
-    auto context = workspace.context.topLeftCorner(n_new, embed_dim_);
-    project(x, query_weight_, query_bias_, queries);
-    project(x, key_weight_, key_bias_, keys);
-    project(x, value_weight_, value_bias_, values);
+    auto [queries, keys, values, context] = project_inputs(x, x, x, workspace);
     if (rope_) {
       // The new tokens sit at positions n_past, n_past + 1, …: the cache keeps rotated keys.
       apply_rope_inplace(queries, n_past, head_dim(), *rope_);
@@ -582,22 +564,31 @@ class MultiHeadAttention {
     if (bias_) out.rowwise() += bias;
   }
 
+  /// The workspace's views for one call: projected inputs and the heads' outputs.
+  struct Projected {
+    Eigen::Block<Matrix> queries;  // (n_q × E)
+    Eigen::Block<Matrix> keys;     // (n_k × H_kv·d)
+    Eigen::Block<Matrix> values;   // (n_k × H_kv·d)
+    Eigen::Block<Matrix> context;  // (n_q × E), written by the attention
+  };
+
+  /// Projects the inputs into the workspace (grown to fit) and returns the views.
   template <typename DerivedQ, typename DerivedK, typename DerivedV>
-  void project_inputs(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
-                      const Eigen::MatrixBase<DerivedV>& value, MultiHeadWorkspace<Scalar>& workspace) const {
+  Projected project_inputs(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
+                           const Eigen::MatrixBase<DerivedV>& value, MultiHeadWorkspace<Scalar>& workspace) const {
     const Eigen::Index n_q = query.rows();
     const Eigen::Index n_k = key.rows();
     detail::grow_to(workspace.queries, n_q, embed_dim_);
     detail::grow_to(workspace.keys, n_k, kv_width());
     detail::grow_to(workspace.values, n_k, kv_width());
     detail::grow_to(workspace.context, n_q, embed_dim_);
-    // queries: (n_q × E), keys and values: (n_k × H_kv·d)
-    auto queries = workspace.queries.topLeftCorner(n_q, embed_dim_);
-    auto keys = workspace.keys.topLeftCorner(n_k, kv_width());
-    auto values = workspace.values.topLeftCorner(n_k, kv_width());
-    project(query, query_weight_, query_bias_, queries);
-    project(key, key_weight_, key_bias_, keys);
-    project(value, value_weight_, value_bias_, values);
+    Projected projected{workspace.queries.topLeftCorner(n_q, embed_dim_), workspace.keys.topLeftCorner(n_k, kv_width()),
+                        workspace.values.topLeftCorner(n_k, kv_width()),
+                        workspace.context.topLeftCorner(n_q, embed_dim_)};
+    project(query, query_weight_, query_bias_, projected.queries);
+    project(key, key_weight_, key_bias_, projected.keys);
+    project(value, value_weight_, value_bias_, projected.values);
+    return projected;
   }
 
   /// RoPE on the projected queries and keys, positions aligned bottom-right.
