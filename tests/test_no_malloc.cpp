@@ -207,15 +207,12 @@ TEMPLATE_TEST_CASE("RoPE in place and ALiBi in the tiled kernel allocate nothing
 
 // ---- MultiHeadAttention: forward with a kept workspace, and decode steps -----------------
 
-TEMPLATE_TEST_CASE("MultiHeadAttention reuses its workspace, and a decode step allocates nothing",
-                   "[no_malloc][multi_head][decode]", float, double) {
-  using Scalar = TestType;
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  const int positions = GENERATE(0, 1, 2);  // none, RoPE, ALiBi
-  // E = 512 as well: a one-token step's products stay matrix-vector products, heap-free
-  // whatever the width.
-  const Index embed_dim = GENERATE(64, 512);
-  CAPTURE(positions, embed_dim);
+namespace {
+
+/// A module with random parameters: 8 heads, 2 KV heads, and RoPE (positions = 1), ALiBi (2)
+/// or neither (0).
+template <typename Scalar>
+attn::MultiHeadAttention<Scalar> random_module(int positions, Index embed_dim) {
   attn::MultiHeadOptions options;
   options.num_kv_heads = 2;
   if (positions == 1) options.rope = attn::Rope{};
@@ -227,36 +224,56 @@ TEMPLATE_TEST_CASE("MultiHeadAttention reuses its workspace, and a decode step a
                      attn_test::random_matrix<Scalar>(embed_dim, embed_dim, 4));
   module.set_biases(attn_test::random_matrix<Scalar>(1, embed_dim, 5), attn_test::random_matrix<Scalar>(1, kv, 6),
                     attn_test::random_matrix<Scalar>(1, kv, 7), attn_test::random_matrix<Scalar>(1, embed_dim, 8));
+  return module;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("MultiHeadAttention::forward_into reuses its workspace without allocating",
+                   "[no_malloc][multi_head]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const int positions = GENERATE(0, 1, 2);  // none, RoPE, ALiBi
+  CAPTURE(positions);
+  // E = 64: at E = 512 and 200 tokens Eigen's projection products need heap blocking
+  // buffers; the promise is attn's own scratch.
+  const auto module = random_module<Scalar>(positions, 64);
   attn::MultiHeadWorkspace<Scalar> workspace;
   Matrix out;
+  const Matrix x = attn_test::random_matrix<Scalar>(200, 64, 9);
+  attn::AttentionOptions<Scalar> causal;
+  causal.causal = true;
+  module.forward_into(x, x, x, causal, out, workspace);
+  const Matrix first = out;
+  {
+    HeapForbidden forbidden;
+    REQUIRE_NOTHROW(module.forward_into(x, x, x, causal, out, workspace));
+  }
+  CHECK(out == first);
+}
 
-  SECTION("forward_into, the second call onwards") {
-    // (At E = 512 and 200 tokens Eigen's projection products need heap blocking buffers:
-    // the promise is attn's own scratch, so this part runs at E = 64.)
-    if (embed_dim != 64) return;
-    const Matrix x = attn_test::random_matrix<Scalar>(200, embed_dim, 9);
-    attn::AttentionOptions<Scalar> causal;
-    causal.causal = true;
-    module.forward_into(x, x, x, causal, out, workspace);
-    const Matrix first = out;
-    {
-      HeapForbidden forbidden;
-      REQUIRE_NOTHROW(module.forward_into(x, x, x, causal, out, workspace));
-    }
-    CHECK(out == first);
+TEMPLATE_TEST_CASE("a decode step allocates nothing once the cache's capacity is reserved",
+                   "[no_malloc][multi_head][decode]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const int positions = GENERATE(0, 1, 2);  // none, RoPE, ALiBi
+  // E = 512 as well: a one-token step's products stay matrix-vector products, heap-free
+  // whatever the width.
+  const Index embed_dim = GENERATE(64, 512);
+  CAPTURE(positions, embed_dim);
+  const auto module = random_module<Scalar>(positions, embed_dim);
+  attn::MultiHeadWorkspace<Scalar> workspace;
+  Matrix out;
+  // 1300 tokens: the cache crosses split_key_chunk (1024), where the kernel starts
+  // splitting the keys into chunks and merging them.
+  const Index n = 1300;
+  const Matrix tokens = attn_test::random_matrix<Scalar>(n, embed_dim, 10);
+  auto cache = module.make_cache(1, n);
+  module.forward_into(tokens.topRows(1), cache, 0, {}, out, workspace);  // sizes the workspace
+  {
+    HeapForbidden forbidden;
+    for (Index t = 1; t < n; ++t) REQUIRE_NOTHROW(module.forward_into(tokens.middleRows(t, 1), cache, 0, {}, out, workspace));
   }
-  SECTION("decode steps past the key split, with the capacity reserved") {
-    // 1300 tokens: the cache crosses split_key_chunk (1024), where the kernel starts
-    // splitting the keys into chunks and merging them.
-    const Index n = 1300;
-    const Matrix tokens = attn_test::random_matrix<Scalar>(n, embed_dim, 10);
-    auto cache = module.make_cache(1, n);
-    module.forward_into(tokens.topRows(1), cache, 0, {}, out, workspace);  // sizes the workspace
-    {
-      HeapForbidden forbidden;
-      for (Index t = 1; t < n; ++t) REQUIRE_NOTHROW(module.forward_into(tokens.middleRows(t, 1), cache, 0, {}, out, workspace));
-    }
-    CHECK(cache.size(0) == n);
-    CHECK(out.allFinite());
-  }
+  CHECK(cache.size(0) == n);
+  CHECK(out.allFinite());
 }
