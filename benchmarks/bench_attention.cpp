@@ -33,23 +33,12 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <ctime>
-#include <fstream>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include <Eigen/Core>
 #include <benchmark/benchmark.h>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-#if defined(__linux__)
-#include <unistd.h>
-#endif
 
 #include <attn/attn.hpp>
 #include <attn/flash.hpp>

@@ -58,8 +58,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
@@ -72,9 +70,6 @@
 
 #if defined(_OPENMP)
 #include <omp.h>
-#endif
-#if defined(__linux__)
-#include <unistd.h>
 #endif
 
 #include <attn/attn.hpp>
