@@ -264,16 +264,31 @@ TEMPLATE_TEST_CASE("a decode step allocates nothing once the cache's capacity is
   const auto module = random_module<Scalar>(positions, embed_dim);
   attn::MultiHeadWorkspace<Scalar> workspace;
   Matrix out;
-  // 1300 tokens: the cache crosses split_key_chunk (1024), where the kernel starts
-  // splitting the keys into chunks and merging them.
+  // The first one-token step sizes the workspace for the cache's whole capacity; every
+  // later step must then allocate nothing. What a step does depends on the cache's length
+  // only through the tiling: one partial key tile (block_k = 256 or 512 keys here), several
+  // tiles, and past split_key_chunk (1024) the key split into chunks and their merge. So
+  // the steps run in windows that reach each of those and cross each boundary between them
+  // (512, 1024), up to the cache's capacity; the tokens between windows are appended
+  // directly (their values do not matter here). 119 steps instead of 1299 keep the test
+  // fast under the sanitizers.
   const Index n = 1300;
+  const Index windows[][2] = {{1, 40}, {500, 530}, {1010, 1040}, {1280, n}};
   const Matrix tokens = attn_test::random_matrix<Scalar>(n, embed_dim, 10);
+  const Matrix filler = attn_test::random_matrix<Scalar>(n, module.kv_width(), 11);
   auto cache = module.make_cache(1, n);
   module.forward_into(tokens.topRows(1), cache, 0, {}, out, workspace);  // sizes the workspace
-  {
+  Index steps = 0;
+  for (const auto& window : windows) {
+    const Index gap = window[0] - cache.size(0);
+    if (gap > 0) cache.append(0, filler.topRows(gap), filler.bottomRows(gap));
+    REQUIRE(cache.size(0) == window[0]);
     HeapForbidden forbidden;
-    for (Index t = 1; t < n; ++t) REQUIRE_NOTHROW(module.forward_into(tokens.middleRows(t, 1), cache, 0, {}, out, workspace));
+    for (Index t = window[0]; t < window[1]; ++t, ++steps) {
+      REQUIRE_NOTHROW(module.forward_into(tokens.middleRows(t, 1), cache, 0, {}, out, workspace));
+    }
   }
+  CHECK(steps == 119);
   CHECK(cache.size(0) == n);
   CHECK(out.allFinite());
 }
