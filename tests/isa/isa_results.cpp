@@ -1,0 +1,226 @@
+// The same computations at every instruction set this machine has: tests/CMakeLists.txt
+// builds this file once per ISA (x86-64 baseline SSE2, AVX2 + FMA, -march=native), each
+// build writes its results as .npy files, and the baseline build compares every other
+// build's files with its own. Eigen picks its SIMD code (packet exp, FMA products, vector
+// widths) at compile time, so these are different programs computing the same numbers;
+// they must agree within the bounds the suite holds each path to against the reference
+// (2e-6 of the output's size in float, 1e-12 in double), though not bitwise.
+//
+//   attn_isa_<isa> write DIR              writes DIR/<case>.npy
+//   attn_isa_<isa> compare DIR_A DIR_B    compares two such directories, case by case
+//
+// The cases reach every kernel a user's build compiles differently: the reference path
+// (scores, masks, softmax, weights), the tiled kernel with heads, GQA, every mask, ALiBi and
+// the log-sum-exp, a long decode with RoPE across the key split, and the worked example.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+
+#include <attn/attn.hpp>
+#include <attn/npy.hpp>
+
+namespace {
+
+using Eigen::Index;
+template <typename Scalar>
+using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
+
+/// Uniform in [-scale, scale), drawn in double and rounded once, so that every build draws
+/// the same inputs.
+template <typename Scalar>
+Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed, double scale = 1.0) {
+  std::mt19937 engine(seed);
+  std::uniform_real_distribution<double> uniform(-scale, scale);
+  Matrix<Scalar> m(rows, cols);
+  for (Index c = 0; c < cols; ++c) {
+    for (Index r = 0; r < rows; ++r) m(r, c) = static_cast<Scalar>(uniform(engine));
+  }
+  return m;
+}
+
+BoolMatrix random_keep(Index rows, Index cols, unsigned seed) {
+  std::mt19937 engine(seed);
+  std::bernoulli_distribution keep(0.8);
+  BoolMatrix m(rows, cols);
+  for (Index c = 0; c < cols; ++c) {
+    for (Index r = 0; r < rows; ++r) m(r, c) = keep(engine);
+  }
+  return m;
+}
+
+template <typename Scalar>
+using Results = std::map<std::string, Matrix<Scalar>>;
+
+/// The worked example of the seed document: 3 tokens of 4 features, 4×3 weights.
+template <typename Scalar>
+void worked_example(Results<Scalar>& results) {
+  Matrix<Scalar> x(3, 4), w_q(4, 3), w_k(4, 3), w_v(4, 3);
+  x << 1, 0, 1, 0, 0, 2, 0, 2, 1, 1, 1, 1;
+  w_q << 1, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1;
+  w_k << 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0;
+  w_v << 0, 2, 0, 0, 3, 0, 1, 0, 3, 1, 1, 0;
+  const Matrix<Scalar> q = x * w_q, k = x * w_k, v = x * w_v;
+  Matrix<Scalar> weights;
+  results["worked_example_out"] = attn::attention(q, k, v, {}, weights);
+  results["worked_example_weights"] = weights;
+}
+
+/// The reference path with every mask, weights included.
+template <typename Scalar>
+void reference_path(Results<Scalar>& results) {
+  const Index n_q = 70, n_k = 90;
+  const Matrix<Scalar> q = random_matrix<Scalar>(n_q, 32, 1, 2.0);
+  const Matrix<Scalar> k = random_matrix<Scalar>(n_k, 32, 2, 2.0);
+  const Matrix<Scalar> v = random_matrix<Scalar>(n_k, 16, 3);
+  const BoolMatrix keep = random_keep(n_q, n_k, 4);
+  const Matrix<Scalar> bias = random_matrix<Scalar>(n_q, n_k, 5);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = true;
+  options.mask = keep;
+  options.bias = bias;
+  options.window = attn::SlidingWindow{50, -1};
+  Matrix<Scalar> out, weights;
+  attn::attention_into(q, k, v, options, out, weights);
+  results["reference_out"] = out;
+  results["reference_weights"] = weights;
+  results["softmax_wide_range"] = attn::softmax_rows(random_matrix<Scalar>(40, 300, 6, 60.0));
+}
+
+/// The tiled kernel: 8 query heads over 2 KV heads, shapes across tile boundaries, every
+/// mask, the log-sum-exp; and ALiBi as a score modifier.
+template <typename Scalar>
+void tiled_kernel(Results<Scalar>& results) {
+  const Index n_q = 200, n_k = 777, d = 64;
+  const Matrix<Scalar> q = random_matrix<Scalar>(n_q, 8 * d, 11, 2.0);
+  const Matrix<Scalar> k = random_matrix<Scalar>(n_k, 2 * d, 12, 2.0);
+  const Matrix<Scalar> v = random_matrix<Scalar>(n_k, 2 * d, 13);
+  const BoolMatrix keep = random_keep(n_q, n_k, 14);
+  const Matrix<Scalar> bias = random_matrix<Scalar>(n_q, n_k, 15);
+  attn::AttentionOptions<Scalar> options;
+  options.mask = keep;
+  options.bias = bias;
+  options.valid_keys = 700;
+  options.window = attn::SlidingWindow{600, 20};
+  Matrix<Scalar> out, lse;
+  attn::Workspace<Scalar> workspace;
+  attn::flash_attention_into(q, k, v, attn::Heads{8, 2}, options, out, lse, workspace);
+  results["tiled_masked_out"] = out;
+  results["tiled_masked_lse"] = lse;
+
+  options = {};
+  options.causal = true;
+  const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> slopes = attn::alibi_slopes<Scalar>(8);
+  const attn::Mods mods{attn::alibi_score_mod(slopes, n_q, n_k), attn::NoMaskMod{}};
+  attn::flash_attention_into(q, k, v, attn::Heads{8, 2}, options, out, lse, workspace, mods);
+  results["tiled_alibi_causal_out"] = out;
+  results["tiled_alibi_causal_lse"] = lse;
+}
+
+/// Decoding: a module with GQA and RoPE, its cache filled past the key split (1024), then
+/// token-by-token steps.
+template <typename Scalar>
+void decode(Results<Scalar>& results) {
+  const Index embed_dim = 128, prompt = 1020, steps = 24;
+  attn::MultiHeadOptions shape;
+  shape.num_kv_heads = 2;
+  shape.rope = attn::Rope{};
+  attn::MultiHeadAttention<Scalar> module(embed_dim, 8, shape);
+  const Index kv = module.kv_width();
+  module.set_weights(random_matrix<Scalar>(embed_dim, embed_dim, 21, 0.2), random_matrix<Scalar>(embed_dim, kv, 22, 0.2),
+                     random_matrix<Scalar>(embed_dim, kv, 23, 0.2),
+                     random_matrix<Scalar>(embed_dim, embed_dim, 24, 0.2));
+  module.set_biases(random_matrix<Scalar>(1, embed_dim, 25, 0.1), random_matrix<Scalar>(1, kv, 26, 0.1),
+                    random_matrix<Scalar>(1, kv, 27, 0.1), random_matrix<Scalar>(1, embed_dim, 28, 0.1));
+  const Matrix<Scalar> tokens = random_matrix<Scalar>(prompt + steps, embed_dim, 29);
+  auto cache = module.make_cache(1, prompt + steps);
+  attn::MultiHeadWorkspace<Scalar> workspace;
+  Matrix<Scalar> out, step_outputs(steps, embed_dim);
+  module.forward_into(tokens.topRows(prompt), cache, 0, {}, out, workspace);
+  results["decode_prompt_out"] = out;
+  for (Index t = 0; t < steps; ++t) {
+    module.forward_into(tokens.middleRows(prompt + t, 1), cache, 0, {}, out, workspace);
+    step_outputs.row(t) = out;
+  }
+  results["decode_steps_out"] = step_outputs;
+}
+
+template <typename Scalar>
+Results<Scalar> compute() {
+  Results<Scalar> results;
+  worked_example(results);
+  reference_path(results);
+  tiled_kernel(results);
+  decode(results);
+  return results;
+}
+
+template <typename Scalar>
+const char* scalar_name() {
+  return std::is_same_v<Scalar, float> ? "float" : "double";
+}
+
+template <typename Scalar>
+void write(const std::filesystem::path& directory) {
+  for (const auto& [name, matrix] : compute<Scalar>()) {
+    attn::npy::save(directory / (name + "_" + scalar_name<Scalar>() + ".npy"), matrix);
+  }
+}
+
+/// Compares every case of two directories; returns the number of cases out of bounds.
+template <typename Scalar>
+int compare(const std::filesystem::path& first, const std::filesystem::path& second) {
+  const double relative = std::is_same_v<Scalar, float> ? 2e-6 : 1e-12;
+  int failures = 0;
+  for (const auto& [name, ignored] : compute<Scalar>()) {
+    const std::string file = name + "_" + scalar_name<Scalar>() + ".npy";
+    const Matrix<Scalar> a = attn::npy::load<Scalar>(first / file);
+    const Matrix<Scalar> b = attn::npy::load<Scalar>(second / file);
+    double difference = std::numeric_limits<double>::infinity();
+    double size = 1.0;
+    if (a.rows() == b.rows() && a.cols() == b.cols()) {
+      const Eigen::MatrixXd ad = a.template cast<double>(), bd = b.template cast<double>();
+      // An entry that is −∞ in both (a fully masked row's log-sum-exp) agrees.
+      const Eigen::MatrixXd gap = (ad.array() == bd.array()).select(0.0, (ad - bd).cwiseAbs());
+      difference = gap.allFinite() ? (gap.size() == 0 ? 0.0 : gap.maxCoeff()) : difference;
+      size = std::max(1.0, ad.array().isFinite().select(ad.cwiseAbs(), 0.0).maxCoeff());
+    }
+    const bool within = difference <= relative * size;
+    failures += within ? 0 : 1;
+    std::printf("%-32s %-6s %s: max difference %.3g of size %.3g (bound %.3g)%s\n", name.c_str(),
+                scalar_name<Scalar>(), within ? "agrees" : "DISAGREES", difference, size, relative * size,
+                difference == 0.0 ? ", bitwise equal" : "");
+  }
+  return failures;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "";
+  try {
+    if (mode == "write" && argc == 3) {
+      std::filesystem::create_directories(argv[2]);
+      write<float>(argv[2]);
+      write<double>(argv[2]);
+      return 0;
+    }
+    if (mode == "compare" && argc == 4) {
+      std::printf("%s against %s\n", argv[2], argv[3]);
+      const int failures = compare<float>(argv[2], argv[3]) + compare<double>(argv[2], argv[3]);
+      return failures == 0 ? 0 : 1;
+    }
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+    return 1;
+  }
+  std::fprintf(stderr, "usage: %s write DIR | compare DIR_A DIR_B\n", argv[0]);
+  return 2;
+}
