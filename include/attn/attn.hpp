@@ -13,6 +13,7 @@
 #include "options.hpp"
 #include "mask.hpp"
 #include "merge.hpp"
+#include "mods.hpp"
 #include "flash.hpp"
 #include "attention.hpp"
 #include "rope.hpp"
