@@ -1,4 +1,5 @@
-// The smallest useful attn program: a row softmax whose rows must each sum to 1.
+// The smallest useful attn program: a row softmax whose rows must each sum to 1. Both
+// consumer projects (find_package/ and add_subdirectory/) build this one file.
 #include <attn/attn.hpp>
 
 #include <Eigen/Core>
