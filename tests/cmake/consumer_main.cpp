@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <string>
 
 int main() {
   Eigen::MatrixXd m(2, 3);
@@ -25,6 +26,18 @@ int main() {
       return 1;
     }
   }
+#ifdef ATTN_CONSUMER_PACKAGE_VERSION
+  // Set by the find_package consumer: the package's version must be the header's.
+  const std::string header_version = std::to_string(attn::version_major) + "." +
+                                     std::to_string(attn::version_minor) + "." +
+                                     std::to_string(attn::version_patch);
+  if (header_version != ATTN_CONSUMER_PACKAGE_VERSION) {
+    std::fprintf(stderr, "find_package found attn %s, but its version.hpp says %s\n",
+                 ATTN_CONSUMER_PACKAGE_VERSION, header_version.c_str());
+    return 1;
+  }
+  std::printf("attn consumer: package and header are both version %s\n", header_version.c_str());
+#endif
   std::printf("attn consumer: softmax rows sum to 1\n");
   return 0;
 }
