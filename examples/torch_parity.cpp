@@ -25,6 +25,7 @@
 #include <Eigen/Core>
 
 #include <attn/attn.hpp>
+#include <attn/npy.hpp>
 
 namespace fs = std::filesystem;
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <attn/attn.hpp>
+#include <attn/npy.hpp>
 
 #include "attn_test.hpp"
 #include "reference.hpp"

@@ -1,7 +1,9 @@
 #pragma once
 /// @file
-/// The umbrella header: everything attn offers. Self-attention as in Vaswani et al. 2017,
-/// "Attention Is All You Need", on Eigen matrices with one token per row.
+/// The umbrella header: everything attn offers but the .npy file I/O. Self-attention as in
+/// Vaswani et al. 2017, "Attention Is All You Need", on Eigen matrices with one token per
+/// row. `<attn/npy.hpp>` is left out because it brings `<filesystem>` and `<fstream>` to
+/// every user; include it where you read or write .npy files.
 
 #include "version.hpp"
 #include "error.hpp"
@@ -20,4 +22,3 @@
 #include "alibi.hpp"
 #include "kv_cache.hpp"
 #include "multi_head.hpp"
-#include "npy.hpp"
