@@ -689,7 +689,7 @@ TEST_CASE("MultiHeadAttention rejects bad shapes with the numbers", "[multi_head
                          "cache holds keys of 6 and values of 8 columns but the module's are "
                                            "num_kv_heads*head_dim = 8");
     auto good = module.make_cache(1, 4);
-    CHECK_THROWS_AS(module.forward(Matrix<float>::Zero(1, 8), good, 1), std::out_of_range);
+    CHECK_THROWS_AS(module.decode(Matrix<float>::Zero(1, 8), good, 1), std::out_of_range);
     CHECK(good.size(0) == 0);
   }
 }

@@ -292,8 +292,8 @@ TEST_CASE("apply_rope rejects bad head sizes, positions and bases", "[rope][erro
 
   for (const double base : {0.0, -10.0, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
     INFO("base " << base);
-    CHECK_THROWS_AS(attn::apply_rope(x, positions, 4, base), std::invalid_argument);
-    CHECK_THROWS_WITH(attn::apply_rope(x, positions, 4, base),
+    CHECK_THROWS_AS(attn::apply_rope(x, positions, 4, attn::Rope{base}), std::invalid_argument);
+    CHECK_THROWS_WITH(attn::apply_rope(x, positions, 4, attn::Rope{base}),
                       ContainsSubstring("attn::apply_rope: base must be finite and positive, got"));
     CHECK_THROWS_WITH(attn::apply_rope_inplace(target, 0, 4, attn::Rope{base, attn::RopeStyle::halves}),
                       ContainsSubstring("attn::apply_rope_inplace: base must be finite and positive"));
