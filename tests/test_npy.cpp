@@ -2,6 +2,8 @@
 // make_fixtures.py), round trips through every kind of Eigen input, and every way a file
 // can be wrong, each with its message.
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -11,7 +13,14 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <system_error>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <csignal>
+#include <sys/resource.h>
+#define ATTN_TEST_HAVE_RLIMIT 1
+#endif
 
 #include <attn/npy.hpp>
 
@@ -361,6 +370,103 @@ TEST_CASE("saving to a path that cannot be written throws", "[npy][errors]") {
     CHECK_THROWS_WITH(attn::npy::save("/dev/full", m), ContainsSubstring("attn::npy::save: \"/dev/full\": write failed"));
   }
 }
+
+namespace {
+
+/// The names in `directory`, sorted: what a save left behind.
+std::vector<std::string> file_names(const fs::path& directory) {
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(directory)) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("save replaces an existing file whole, keeping its permissions", "[npy]") {
+  TempDir dir("replace");
+  const fs::path path = dir / "m.npy";
+  attn::npy::save(path, Eigen::MatrixXf::Ones(40, 30));
+  fs::permissions(path, fs::perms::owner_read | fs::perms::owner_write);
+  attn::npy::save(path, values_2x3());
+  CHECK(read_file(path) == read_file(fixture("v1_f8_c_2x3.npy")));
+  CHECK((fs::status(path).permissions() & fs::perms::all) == (fs::perms::owner_read | fs::perms::owner_write));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+}
+
+TEST_CASE("save through a symbolic link replaces the file it names and keeps the link", "[npy]") {
+  TempDir dir("symlink");
+  fs::create_directories(dir / "runs");
+  attn::npy::save(dir / "runs" / "w.npy", Eigen::MatrixXd::Zero(3, 3));
+  fs::create_symlink(fs::path("runs") / "w.npy", dir / "latest.npy");
+  attn::npy::save(dir / "latest.npy", values_2x3());
+  CHECK(fs::is_symlink(fs::symlink_status(dir / "latest.npy")));
+  CHECK(read_file(dir / "runs" / "w.npy") == read_file(fixture("v1_f8_c_2x3.npy")));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"latest.npy", "runs"});
+  CHECK(file_names(dir / "runs") == std::vector<std::string>{"w.npy"});
+}
+
+#ifdef ATTN_TEST_HAVE_RLIMIT
+namespace {
+
+/// Runs `save` with this process's files limited to `limit` bytes and SIGXFSZ ignored (so
+/// that going past the limit fails the write with EFBIG instead of ending the process),
+/// then restores both; returns the npy_error's message, or "" if nothing was thrown.
+template <typename Save>
+std::string npy_error_with_file_size_limit(rlim_t limit, Save&& save) {
+  rlimit original{};
+  REQUIRE(getrlimit(RLIMIT_FSIZE, &original) == 0);
+  rlimit lowered = original;
+  lowered.rlim_cur = original.rlim_max == RLIM_INFINITY ? limit : std::min(limit, original.rlim_max);
+  const auto original_handler = std::signal(SIGXFSZ, SIG_IGN);
+  REQUIRE(original_handler != SIG_ERR);
+  std::string message;
+  if (setrlimit(RLIMIT_FSIZE, &lowered) == 0) {
+    try {
+      save();
+    } catch (const attn::npy_error& error) {
+      message = error.what();
+    }
+    REQUIRE(setrlimit(RLIMIT_FSIZE, &original) == 0);
+  } else {
+    message = "setrlimit failed";
+  }
+  std::signal(SIGXFSZ, original_handler);
+  return message;
+}
+
+}  // namespace
+
+TEST_CASE("a save that fails partway leaves the old file as it was and nothing beside it", "[npy][errors]") {
+  TempDir dir("atomic");
+  const fs::path path = dir / "m.npy";
+  attn::npy::save(path, values_2x3());
+  const std::string old_bytes = read_file(path);
+  REQUIRE(old_bytes.size() == 176);
+  // 512x512 doubles are 2 MiB: the 64 KiB limit stops the write in the data, after the
+  // header and the first chunks have gone out, as a full disk would.
+  const Eigen::MatrixXd large = Eigen::MatrixXd::Constant(512, 512, 0.25);
+  const std::string message = npy_error_with_file_size_limit(64 * 1024, [&] { attn::npy::save(path, large); });
+  CHECK_THAT(message, ContainsSubstring("attn::npy::save: \"" + path.string() + "\": write failed"));
+  CHECK_THAT(message, ContainsSubstring(std::generic_category().message(EFBIG)));
+  // Compared as a bool: on failure Catch2 would print 2 MiB of bytes.
+  CHECK(fs::file_size(path) == old_bytes.size());
+  const bool unchanged = read_file(path) == old_bytes;
+  CHECK(unchanged);
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+
+  // A new file that cannot be written completely is not created at all.
+  const fs::path fresh = dir / "fresh.npy";
+  const std::string fresh_message = npy_error_with_file_size_limit(64 * 1024, [&] { attn::npy::save(fresh, large); });
+  CHECK_THAT(fresh_message, ContainsSubstring("attn::npy::save: \"" + fresh.string() + "\": write failed"));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+
+  // Without the limit the same save replaces the file.
+  attn::npy::save(path, large);
+  CHECK(same_bits(attn::npy::load<double>(path), large));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+}
+#endif
 
 TEST_CASE("corrupt prefixes: magic, version, lengths", "[npy][errors]") {
   TempDir dir("prefix");

@@ -20,9 +20,12 @@
 /// tests/fuzz/). Reference: numpy/lib/format.py and NEP 1.
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -508,6 +511,99 @@ inline std::string system_reason() {
   return errno != 0 ? ": " + std::generic_category().message(errno) : std::string();
 }
 
+/// Writes the file at `path` directly, as a device or a pipe must be written.
+template <typename Derived>
+void write_in_place(const std::filesystem::path& path, const Eigen::MatrixBase<Derived>& matrix, std::string_view where) {
+  errno = 0;
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) fail(where, "cannot open for writing" + system_reason());
+  write_npy(matrix, [&](const void* bytes, std::size_t count) {
+    out.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(count));
+  });
+  out.close();
+  // Checked once at the end: a failed write sets the stream's state, which stays set.
+  if (!out) fail(where, "write failed" + system_reason());
+}
+
+/// Creates `path` for writing, failing if anything of that name exists (C11's "x" mode,
+/// which C++17 includes): two saves never write one temporary file.
+inline std::FILE* create_new_file(const std::filesystem::path& path) {
+#if defined(_WIN32)
+  return _wfopen(path.c_str(), L"wbx");  // the path is UTF-16 there: fopen would lose characters
+#else
+  return std::fopen(path.c_str(), "wbx");
+#endif
+}
+
+/// The new file that `save` writes beside the target and renames over it once complete.
+/// Destroyed before that (a failed write, an exception from evaluating the matrix), it is
+/// closed and removed.
+class TemporaryFile {
+ public:
+  TemporaryFile(const std::filesystem::path& target, std::string_view where) : where_(where) {
+    // Beside the target, as a rename is atomic only within one file system. The name is
+    // hidden and says what it was for; a counter makes it unique in this process and the
+    // clock across processes, and exclusive creation makes a clash another try, never two
+    // writers of one file.
+    static std::atomic<unsigned long> counter{0};
+    const auto now = static_cast<unsigned long long>(std::chrono::system_clock::now().time_since_epoch().count());
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      // Built as a path, not a std::string, so that the name keeps the path's own encoding.
+      std::filesystem::path name = ".";
+      name += target.filename();
+      name += ".attn-tmp-" + std::to_string(now) + "-" + std::to_string(counter++);
+      path_ = target;
+      path_.replace_filename(name);
+      errno = 0;
+      file_ = create_new_file(path_);
+      if (file_ != nullptr || errno != EEXIST) break;
+    }
+    if (file_ == nullptr) {
+      fail(where_, "cannot open for writing: cannot create the temporary file \"" + path_.string() + "\"" +
+                       system_reason());
+    }
+  }
+
+  ~TemporaryFile() {
+    if (file_ != nullptr) std::fclose(file_);
+    if (!replaced_) {
+      std::error_code ignored;
+      std::filesystem::remove(path_, ignored);
+    }
+  }
+
+  TemporaryFile(const TemporaryFile&) = delete;
+  TemporaryFile& operator=(const TemporaryFile&) = delete;
+
+  const std::filesystem::path& path() const noexcept { return path_; }
+
+  void write(const void* bytes, std::size_t count) {
+    errno = 0;
+    if (std::fwrite(bytes, 1, count, file_) != count) fail(where_, "write failed" + system_reason());
+  }
+
+  /// Flushes and closes the file, then renames it over `target`: each step can be the one
+  /// that finds the disk full, so each is checked before the old file is given up.
+  void replace(const std::filesystem::path& target) {
+    errno = 0;
+    if (std::fflush(file_) != 0) fail(where_, "write failed" + system_reason());
+    std::FILE* const file = file_;
+    file_ = nullptr;  // closed even if fclose fails
+    errno = 0;
+    if (std::fclose(file) != 0) fail(where_, "write failed" + system_reason());
+    std::error_code error;
+    std::filesystem::rename(path_, target, error);
+    if (error) fail(where_, "cannot replace the file with the temporary \"" + path_.string() + "\": " + error.message());
+    replaced_ = true;
+  }
+
+ private:
+  std::string where_;
+  std::filesystem::path path_;
+  std::FILE* file_ = nullptr;
+  bool replaced_ = false;
+};
+
 }  // namespace npy::detail
 
 namespace npy {
@@ -565,20 +661,39 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load_from_memory(std::stri
 
 /// Saves a float or double matrix (any Eigen expression: a block, a Map, a row-major
 /// matrix, a product) as a .npy file that `numpy.load` reads with the same shape, always
-/// 2-D. Throws attn::npy_error if the file cannot be created or written.
+/// 2-D. The file is written whole or not at all: the data goes to a new file beside it,
+/// which replaces it only once complete, so a save that fails (a full disk, a file-size
+/// limit, an exception) leaves an existing file as it was and no temporary file behind. A
+/// symbolic link is followed (the file it names is replaced, the link kept), and an
+/// existing file's permissions are kept. A device or pipe (`/dev/stdout`) is written in
+/// place. Throws attn::npy_error if the file cannot be created, written or replaced.
 template <typename Derived>
 void save(const std::filesystem::path& path, const Eigen::MatrixBase<Derived>& matrix) {
   detail::require_npy_scalar<typename Derived::Scalar>();
+  namespace fs = std::filesystem;
   const std::string where = "attn::npy::save: \"" + path.string() + "\"";
-  errno = 0;
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) detail::fail(where, "cannot open for writing" + detail::system_reason());
-  detail::write_npy(matrix, [&](const void* bytes, std::size_t count) {
-    out.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(count));
-  });
-  out.close();
-  // Checked once at the end: a failed write sets the stream's state, which stays set.
-  if (!out) detail::fail(where, "write failed" + detail::system_reason());
+  std::error_code error;
+  // Writing to a link writes the file it names; replacing the link by a file would not.
+  fs::path target = path;
+  if (fs::is_symlink(fs::symlink_status(path, error))) {
+    target = fs::weakly_canonical(path, error);
+    if (error) detail::fail(where, "cannot open for writing: cannot resolve the symbolic link: " + error.message());
+  }
+  const fs::file_status status = fs::status(target, error);
+  const bool exists = fs::exists(status);
+  if (exists && fs::is_directory(status)) detail::fail(where, "cannot open for writing: it is a directory");
+  if (exists && !fs::is_regular_file(status)) {
+    // A device or a pipe holds no old contents to keep, and must not be renamed over.
+    detail::write_in_place(target, matrix, where);
+    return;
+  }
+  detail::TemporaryFile temporary(target, where);
+  // Before any data: a file the owner alone may read must not be readable by others, even
+  // while it is being written. A file system without permissions refuses to set them, and
+  // then there is nothing to keep, so a failure here does not fail the save.
+  if (exists) fs::permissions(temporary.path(), status.permissions(), error);
+  detail::write_npy(matrix, [&](const void* bytes, std::size_t count) { temporary.write(bytes, count); });
+  temporary.replace(target);
 }
 
 }  // namespace npy
