@@ -572,6 +572,26 @@ TEST_CASE("malformed headers: not a dict, keys, values", "[npy][errors]") {
            "data length does not match the shape: shape (2, 2) of <f8 needs 32 bytes, the file has 48");
 }
 
+TEST_CASE("a shape with a leading zero is refused, as Python 3 and NumPy refuse 007", "[npy][errors]") {
+  TempDir dir("leading_zero");
+  const std::string data = data_bytes<double>({1, 2, 3, 4, 5, 6});
+  const auto rejected = [&](const std::string& shape, const std::string& reason) {
+    check_rejected(dir, npy_bytes(header("<f8", "False", shape), data), reason);
+  };
+  // Python 2 read 010 as octal 8: taking it as 10 would be a third reading.
+  rejected("(002, 03)", "malformed header at byte 51: 'shape' has a dimension with a leading zero '002' (Python 3 and NumPy "
+                        "read no such integer)");
+  rejected("(2, 03)", "malformed header at byte 54: 'shape' has a dimension with a leading zero '03'");
+  rejected("(6, 01)", "'shape' has a dimension with a leading zero '01'");
+  // Zero itself may be spelled with any number of zeros, in Python and so in NumPy.
+  const Eigen::MatrixXd zeros = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(00, 3)"), ""));
+  CHECK(zeros.rows() == 0);
+  CHECK(zeros.cols() == 3);
+  const Eigen::MatrixXd none = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(0, 000)"), ""));
+  CHECK(none.rows() == 0);
+  CHECK(none.cols() == 0);
+}
+
 TEST_CASE("shapes too large for memory are refused before anything is allocated", "[npy][errors]") {
   TempDir dir("overflow");
   const std::string data = data_bytes<double>({1, 2, 3, 4, 5, 6});

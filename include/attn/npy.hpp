@@ -273,6 +273,13 @@ class HeaderParser {
       position_ = start;
       fail("'shape' must hold non-negative integers, found " + rest());
     }
+    // Python 3 has no integer literal with a leading zero other than 0 itself (00 is 0),
+    // so NumPy refuses one; Python 2 read 010 as octal 8, and taking it as 10 would be a
+    // third reading.
+    if (digits[0] == '0' && digits.find_first_not_of('0') != std::string_view::npos) {
+      position_ = digits_start;
+      fail("'shape' has a dimension with a leading zero " + quote(digits) + " (Python 3 and NumPy read no such integer)");
+    }
     return digits;
   }
 
