@@ -583,6 +583,7 @@ TEST_CASE("a shape with a leading zero is refused, as Python 3 and NumPy refuse 
                         "read no such integer)");
   rejected("(2, 03)", "malformed header at byte 54: 'shape' has a dimension with a leading zero '03'");
   rejected("(6, 01)", "'shape' has a dimension with a leading zero '01'");
+  rejected("(02L, 3)", "'shape' has a dimension with a leading zero '02'");
   // Zero itself may be spelled with any number of zeros, in Python and so in NumPy.
   const Eigen::MatrixXd zeros = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(00, 3)"), ""));
   CHECK(zeros.rows() == 0);
@@ -590,6 +591,30 @@ TEST_CASE("a shape with a leading zero is refused, as Python 3 and NumPy refuse 
   const Eigen::MatrixXd none = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(0, 000)"), ""));
   CHECK(none.rows() == 0);
   CHECK(none.cols() == 0);
+}
+
+TEST_CASE("Python 2's long integers in 'shape' are read from versions 1.0 and 2.0, as NumPy reads them", "[npy]") {
+  // NumPy's bytes for the 2x3 fixture with the shape spelled (2L, 3L), as NumPy under
+  // Python 2 wrote it; make_fixtures.py checks that NumPy loads it.
+  CHECK(same_bits(attn::npy::load<double>(fixture("v1_f8_py2_long_2x3.npy")), values_2x3()));
+  const std::string data = data_bytes<double>({1, 2, 3, 4, 5, 6});
+  const Eigen::MatrixXd expected = (Eigen::MatrixXd(2, 3) << 1, 2, 3, 4, 5, 6).finished();
+  CHECK(same_bits(attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(2L, 3L)"), data, 2)), expected));
+  CHECK(same_bits(attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(2L,3L,)"), data)), expected));
+  CHECK(same_bits(attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(2 L, 3)"), data)), expected));
+  const Eigen::MatrixXd column = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(6L,)"), data));
+  CHECK(same_bits(column, Eigen::VectorXd::LinSpaced(6, 1, 6)));
+
+  // Version 3.0 came after Python 2, and NumPy does not look for the suffix there; nor is
+  // a lower-case l, or an L that starts a longer word, the suffix.
+  TempDir dir("python2_long");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2L, 3L)"), data, 3),
+                 "malformed header at byte 52: 'shape' has Python 2's long suffix 'L', which NumPy reads only in "
+                 "format versions 1.0 and 2.0");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2l, 3)"), data), "expected ',' or ')' in 'shape', found 'l, 3)");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2Lx, 3)"), data), "expected ',' or ')' in 'shape', found 'x, 3)");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2LL, 3)"), data), "expected ',' or ')' in 'shape', found 'L, 3)");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(L, 3)"), data), "'shape' must hold non-negative integers, found 'L, 3)");
 }
 
 TEST_CASE("shapes too large for memory are refused before anything is allocated", "[npy][errors]") {

@@ -101,7 +101,9 @@ inline std::string shape_string(const Header& header) {
 /// NumPy writes none, and a file that has them is not one attn should guess at.
 class HeaderParser {
  public:
-  HeaderParser(std::string_view text, std::string_view where) : text_(text), where_(where) {}
+  /// `python2_longs`: whether a dimension may end in Python 2's long suffix, `2L`.
+  HeaderParser(std::string_view text, std::string_view where, bool python2_longs)
+      : text_(text), where_(where), python2_longs_(python2_longs) {}
 
   Header parse() {
     skip_whitespace();
@@ -280,6 +282,19 @@ class HeaderParser {
       position_ = digits_start;
       fail("'shape' has a dimension with a leading zero " + quote(digits) + " (Python 3 and NumPy read no such integer)");
     }
+    // Python 2 wrote long integers as 2L, and NumPy under Python 2 wrote such shapes. NumPy
+    // drops the L (a token of its own, so spaces may come before it) from the versions that
+    // Python 2 wrote, 1.0 and 2.0, and nowhere else.
+    const std::size_t after_digits = position_;
+    skip_whitespace();
+    if (peek() == 'L') {
+      if (!python2_longs_) {
+        fail("'shape' has Python 2's long suffix 'L', which NumPy reads only in format versions 1.0 and 2.0");
+      }
+      ++position_;
+    } else {
+      position_ = after_digits;
+    }
     return digits;
   }
 
@@ -322,13 +337,16 @@ class HeaderParser {
 
   std::string_view text_;
   std::string_view where_;
+  bool python2_longs_;
   std::size_t position_ = 0;
 };
 
-/// Parses and validates a header dict (the text between the length field and the data).
-/// Throws npy_error, with `where` in front of the reason, for anything attn does not read.
-inline Header parse_header(std::string_view text, std::string_view where = "attn::npy::detail::parse_header") {
-  return HeaderParser(text, where).parse();
+/// Parses and validates a header dict (the text between the length field and the data) of
+/// a file of format version `major_version`.0. Throws npy_error, with `where` in front of
+/// the reason, for anything attn does not read.
+inline Header parse_header(std::string_view text, std::string_view where = "attn::npy::detail::parse_header",
+                           int major_version = 1) {
+  return HeaderParser(text, where, major_version <= 2).parse();
 }
 
 inline constexpr std::string_view magic{"\x93NUMPY", 6};
@@ -506,7 +524,7 @@ void write_npy(const Eigen::MatrixBase<Derived>& matrix, WriteBytes&& write) {
 template <typename Scalar>
 Matrix<Scalar> load_bytes(std::string_view bytes, std::string_view where) {
   const Prefix prefix = parse_prefix(bytes.substr(0, 12), bytes.size(), where);
-  const Header header = parse_header(bytes.substr(prefix.header_offset, prefix.header_length), where);
+  const Header header = parse_header(bytes.substr(prefix.header_offset, prefix.header_length), where, prefix.major);
   const std::string_view data = bytes.substr(prefix.header_offset + prefix.header_length);
   require_data_length(header, data.size(), where);
   return read_data<Scalar>(header, [&](void* destination, std::size_t count) {
@@ -654,7 +672,7 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem
   std::string header_text(prefix.header_length, '\0');
   in.seekg(static_cast<std::streamoff>(prefix.header_offset));
   read(header_text.data(), header_text.size());
-  const detail::Header header = detail::parse_header(header_text, where);
+  const detail::Header header = detail::parse_header(header_text, where, prefix.major);
   detail::require_data_length(header, file_size - prefix.header_offset - prefix.header_length, where);
   return detail::read_data<Scalar>(header, read);
 }
