@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -615,6 +616,57 @@ TEST_CASE("Python 2's long integers in 'shape' are read from versions 1.0 and 2.
   check_rejected(dir, npy_bytes(header("<f8", "False", "(2Lx, 3)"), data), "expected ',' or ')' in 'shape', found 'x, 3)");
   check_rejected(dir, npy_bytes(header("<f8", "False", "(2LL, 3)"), data), "expected ',' or ')' in 'shape', found 'L, 3)");
   check_rejected(dir, npy_bytes(header("<f8", "False", "(L, 3)"), data), "'shape' must hold non-negative integers, found 'L, 3)");
+}
+
+TEST_CASE("float64 values beyond float's range are refused when loading as float", "[npy][errors]") {
+  TempDir dir("float_range");
+  constexpr double float_max = std::numeric_limits<float>::max();
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  // Rounding to nearest takes float_max + half its ulp (2^103) and everything above to inf,
+  // and everything below to float_max.
+  const double overflows = float_max + 0x1p103;
+  const double rounds_down = std::nextafter(overflows, 0.0);
+
+  SECTION("values that round to float's largest finite value load as it; inf and NaN as themselves") {
+    const std::string bytes = npy_bytes(header("<f8", "False", "(2, 3)"),
+                                        data_bytes<double>({rounds_down, -rounds_down, float_max, inf, -inf,
+                                                            std::numeric_limits<double>::quiet_NaN()}));
+    const Eigen::MatrixXf m = attn::npy::load_from_memory<float>(bytes);
+    CHECK(m(0, 0) == std::numeric_limits<float>::max());
+    CHECK(m(0, 1) == -std::numeric_limits<float>::max());
+    CHECK(m(0, 2) == std::numeric_limits<float>::max());
+    CHECK(m(1, 0) == std::numeric_limits<float>::infinity());
+    CHECK(m(1, 1) == -std::numeric_limits<float>::infinity());
+    CHECK(std::isnan(m(1, 2)));
+  }
+
+  const auto refused_as_float = [&](const std::string& bytes, const std::string& reason) {
+    CAPTURE(reason);
+    const fs::path path = dir / "big.npy";
+    write_file(path, bytes);
+    CHECK_THROWS_AS(attn::npy::load<float>(path), attn::npy_error);
+    CHECK_THROWS_WITH(attn::npy::load<float>(path), "attn::npy::load: \"" + path.string() + "\": " + reason);
+    CHECK_THROWS_WITH(attn::npy::load_from_memory<float>(bytes), "attn::npy::load_from_memory: " + reason);
+    // As double, the same file is fine.
+    CHECK_NOTHROW(attn::npy::load<double>(path));
+  };
+  SECTION("the first such value in the file is named, with its position in the array") {
+    // The matrix [[1, 2, 1e300], [-1e300, 5, 6]], by rows and by columns: each order meets
+    // a different one first.
+    const std::string c_order = npy_bytes(header("<f8", "False", "(2, 3)"), data_bytes<double>({1, 2, 1e300, -1e300, 5, 6}));
+    refused_as_float(c_order, "the float64 value 1e+300 at [0, 2] is too large for float (it would load as inf): load "
+                              "the file as double");
+    CHECK(attn::npy::load_from_memory<double>(c_order)(0, 2) == 1e300);
+    const std::string fortran = npy_bytes(header("<f8", "True", "(2, 3)"), data_bytes<double>({1, -1e300, 2, 5, 1e300, 6}));
+    refused_as_float(fortran, "the float64 value -1e+300 at [1, 0] is too large for float (it would load as inf): load "
+                              "the file as double");
+    CHECK(attn::npy::load_from_memory<double>(fortran)(1, 0) == -1e300);
+  }
+  SECTION("the smallest value that overflows, in a 1-D array") {
+    refused_as_float(npy_bytes(header("<f8", "False", "(4,)"), data_bytes<double>({0, inf, 1, -overflows})),
+                     "the float64 value -3.4028235677973366e+38 at [3] is too large for float (it would load as inf): "
+                     "load the file as double");
+  }
 }
 
 TEST_CASE("shapes too large for memory are refused before anything is allocated", "[npy][errors]") {

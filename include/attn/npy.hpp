@@ -4,10 +4,11 @@
 /// and reference outputs can move between attn and Python (`numpy.load`, `numpy.save`).
 ///
 /// What is read: format versions 1.0, 2.0 and 3.0; little-endian float32 (`'<f4'`) and
-/// float64 (`'<f8'`), converted to the requested scalar; 1-D and 2-D arrays, in C order or
-/// Fortran order. A 1-D array of length n loads as an n×1 column, Eigen's own orientation
-/// for a vector (it assigns to an `Eigen::VectorXd` as it is; `.transpose()` gives a row).
-/// Anything else throws `attn::npy_error` naming the file and the reason.
+/// float64 (`'<f8'`), converted to the requested scalar (a finite float64 value too large
+/// for float is an error, not inf); 1-D and 2-D arrays, in C order or Fortran order. A 1-D
+/// array of length n loads as an n×1 column, Eigen's own orientation for a vector (it
+/// assigns to an `Eigen::VectorXd` as it is; `.transpose()` gives a row). Anything else
+/// throws `attn::npy_error` naming the file and the reason.
 ///
 /// What is written: version 1.0 (2.0 only if a header ever outgrew 64 KiB), the dtype of
 /// the scalar, always a 2-D shape (so an n×1 matrix is saved as shape (n, 1), not (n,)),
@@ -23,9 +24,11 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -431,10 +434,44 @@ constexpr void require_npy_scalar() noexcept {
                 ".cast<float>() or .cast<double>()");
 }
 
+/// `value` in the fewest significant digits that read back as the same double, so that a
+/// message shows 1e+300 rather than 1.0000000000000001e+300, and a value just past a limit
+/// is not printed as the limit.
+inline std::string shortest_decimal(double value) {
+  char text[32];
+  for (int digits = 1;; ++digits) {
+    std::snprintf(text, sizeof text, "%.*g", digits, value);
+    if (digits >= std::numeric_limits<double>::max_digits10 || std::strtod(text, nullptr) == value) return text;
+  }
+}
+
+/// float64 data loaded as float: a finite value too large for float would become inf, a
+/// wrong number with no sign of trouble, so the first one in the file's order is refused
+/// with its index in the array. Values that round to float's largest finite value load
+/// as it, and inf and NaN stored in the file load as themselves.
+template <int Order>
+void require_float_range(const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Order>& data, const Header& header,
+                         std::string_view where) {
+  // Rounding to nearest takes float's largest finite value plus half its last place (2^103)
+  // and everything above it to inf, and everything below it to a finite float.
+  constexpr double overflows_at = static_cast<double>(std::numeric_limits<float>::max()) + 0x1p103;
+  const double* values = data.data();
+  for (Eigen::Index i = 0; i < data.size(); ++i) {
+    // NaN fails the comparison, and an inf in the file is no overflow: both load as they are.
+    if (!(std::abs(values[i]) >= overflows_at) || std::isinf(values[i])) continue;
+    const Eigen::Index row = Order == Eigen::RowMajor ? i / data.cols() : i % data.rows();
+    const Eigen::Index col = Order == Eigen::RowMajor ? i % data.cols() : i / data.rows();
+    const std::string index = header.ndim == 1 ? "[" + std::to_string(row) + "]"
+                                               : "[" + std::to_string(row) + ", " + std::to_string(col) + "]";
+    fail(where, "the float64 value " + shortest_decimal(values[i]) + " at " + index +
+                    " is too large for float (it would load as inf): load the file as double");
+  }
+}
+
 /// Fills a matrix of the file's scalar and storage order with `read(destination, bytes)`,
 /// which must deliver exactly `bytes` bytes, then converts it to a column-major `Scalar`.
 template <typename Scalar, typename FileScalar, int Order, typename ReadBytes>
-Matrix<Scalar> read_data_as(const Header& header, ReadBytes& read) {
+Matrix<Scalar> read_data_as(const Header& header, ReadBytes& read, std::string_view where) {
   Eigen::Matrix<FileScalar, Eigen::Dynamic, Eigen::Dynamic, Order> data(header.rows, header.cols);
   if (header.data_bytes == 0) return Matrix<Scalar>(header.rows, header.cols);
   read(data.data(), header.data_bytes);
@@ -442,19 +479,22 @@ Matrix<Scalar> read_data_as(const Header& header, ReadBytes& read) {
   if constexpr (std::is_same_v<Scalar, FileScalar> && Order == Eigen::ColMajor) {
     return data;  // Fortran order in the requested scalar: no copy
   } else {
+    if constexpr (std::is_same_v<Scalar, float> && std::is_same_v<FileScalar, double>) {
+      require_float_range(data, header, where);
+    }
     return data.template cast<Scalar>();
   }
 }
 
 template <typename Scalar, typename ReadBytes>
-Matrix<Scalar> read_data(const Header& header, ReadBytes&& read) {
+Matrix<Scalar> read_data(const Header& header, ReadBytes&& read, std::string_view where) {
   // Fortran order is Eigen's column-major, C order its row-major; a 1-D array is both.
   if (header.dtype == Dtype::f4) {
-    return header.fortran_order ? read_data_as<Scalar, float, Eigen::ColMajor>(header, read)
-                                : read_data_as<Scalar, float, Eigen::RowMajor>(header, read);
+    return header.fortran_order ? read_data_as<Scalar, float, Eigen::ColMajor>(header, read, where)
+                                : read_data_as<Scalar, float, Eigen::RowMajor>(header, read, where);
   }
-  return header.fortran_order ? read_data_as<Scalar, double, Eigen::ColMajor>(header, read)
-                              : read_data_as<Scalar, double, Eigen::RowMajor>(header, read);
+  return header.fortran_order ? read_data_as<Scalar, double, Eigen::ColMajor>(header, read, where)
+                              : read_data_as<Scalar, double, Eigen::RowMajor>(header, read, where);
 }
 
 /// The header dict NumPy writes for a C-order 2-D array, keys sorted, with the spaces
@@ -527,9 +567,8 @@ Matrix<Scalar> load_bytes(std::string_view bytes, std::string_view where) {
   const Header header = parse_header(bytes.substr(prefix.header_offset, prefix.header_length), where, prefix.major);
   const std::string_view data = bytes.substr(prefix.header_offset + prefix.header_length);
   require_data_length(header, data.size(), where);
-  return read_data<Scalar>(header, [&](void* destination, std::size_t count) {
-    std::memcpy(destination, data.data(), count);
-  });
+  return read_data<Scalar>(
+      header, [&](void* destination, std::size_t count) { std::memcpy(destination, data.data(), count); }, where);
 }
 
 inline std::string system_reason() {
@@ -637,7 +676,8 @@ namespace npy {
 /// values if the file's dtype is the other one. A 1-D array of length n is an n×1 column.
 /// Throws attn::npy_error (with the path and the reason) for a file that cannot be opened,
 /// is truncated, corrupt, or holds anything else (another dtype, big-endian data, 0-D or
-/// 3-D and higher shapes).
+/// 3-D and higher shapes), and for float64 data loaded as float that holds a finite value
+/// too large for float (naming the first one and its index).
 template <typename Scalar>
 Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem::path& path) {
   detail::require_npy_scalar<Scalar>();
@@ -674,7 +714,7 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem
   read(header_text.data(), header_text.size());
   const detail::Header header = detail::parse_header(header_text, where, prefix.major);
   detail::require_data_length(header, file_size - prefix.header_offset - prefix.header_length, where);
-  return detail::read_data<Scalar>(header, read);
+  return detail::read_data<Scalar>(header, read, where);
 }
 
 /// `load` for a whole .npy file already in memory.
