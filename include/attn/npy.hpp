@@ -13,7 +13,8 @@
 /// What is written: version 1.0 (2.0 only if a header ever outgrew 64 KiB), the dtype of
 /// the scalar, always a 2-D shape (so an n×1 matrix is saved as shape (n, 1), not (n,)),
 /// data in C order, and a header padded so that the data starts at a multiple of 64 bytes:
-/// byte for byte what `numpy.save` writes for the same array.
+/// byte for byte what `numpy.save` writes for the same array. A save replaces the file
+/// whole or not at all (see `save`).
 ///
 /// The header is a Python dict literal. It is parsed by a small hand-written parser for
 /// the restricted grammar NumPy writes, from a bounded string: every length is checked
