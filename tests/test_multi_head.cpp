@@ -610,6 +610,49 @@ TEST_CASE("KVCache::append stores what it is given", "[multi_head][decode]") {
   CHECK_THROWS_AS(attn::KVCachef(0, 3, 2, 5), std::invalid_argument);
 }
 
+TEST_CASE("KVCache::truncate past the size leaves the cache as it was", "[multi_head][decode]") {
+  // A rollback to a length the cache never reached must not expose the storage's
+  // uninitialised rows past the size as tokens (capacity 6 leaves room for that mistake).
+  attn::KVCached cache(2, 3, 2, 6);
+  const Matrix<double> keys = random_matrix<double>(3, 3, 1);
+  const Matrix<double> values = random_matrix<double>(3, 2, 2);
+  cache.append(0, keys, values);
+  cache.append(1, keys.topRows(1), values.topRows(1));
+  const auto unchanged = [&] {
+    REQUIRE(cache.size(0) == 3);
+    REQUIRE(cache.size(1) == 1);
+    CHECK(cache.keys(0) == keys);
+    CHECK(cache.values(0) == values);
+    CHECK(cache.keys(1) == keys.topRows(1));
+    CHECK(cache.values(1) == values.topRows(1));
+  };
+  SECTION("every layer") {
+    cache.truncate(3);
+    unchanged();
+    cache.truncate(5);
+    unchanged();
+    cache.truncate(100);
+    unchanged();
+  }
+  SECTION("one layer") {
+    cache.truncate(1, 2);
+    unchanged();
+    cache.truncate(0, 4);
+    unchanged();
+    cache.truncate(1, 6);
+    unchanged();
+  }
+  // Growing storage past the size is no more a way to make tokens.
+  cache.reserve(12);
+  cache.truncate(1, 10);
+  CHECK(cache.size(1) == 1);
+  CHECK(cache.keys(1) == keys.topRows(1));
+  cache.truncate(2);
+  CHECK(cache.size(0) == 2);
+  CHECK(cache.keys(0) == keys.topRows(2));
+  CHECK(cache.size(1) == 1);
+}
+
 TEST_CASE("MultiHeadAttention rejects bad shapes with the numbers", "[multi_head][errors]") {
   using attn_test::Message;
   SECTION("construction") {

@@ -2,6 +2,9 @@
 // make_fixtures.py), round trips through every kind of Eigen input, and every way a file
 // can be wrong, each with its message.
 
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -11,7 +14,14 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <system_error>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <csignal>
+#include <sys/resource.h>
+#define ATTN_TEST_HAVE_RLIMIT 1
+#endif
 
 #include <attn/npy.hpp>
 
@@ -362,6 +372,103 @@ TEST_CASE("saving to a path that cannot be written throws", "[npy][errors]") {
   }
 }
 
+namespace {
+
+/// The names in `directory`, sorted: what a save left behind.
+std::vector<std::string> file_names(const fs::path& directory) {
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(directory)) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("save replaces an existing file whole, keeping its permissions", "[npy]") {
+  TempDir dir("replace");
+  const fs::path path = dir / "m.npy";
+  attn::npy::save(path, Eigen::MatrixXf::Ones(40, 30));
+  fs::permissions(path, fs::perms::owner_read | fs::perms::owner_write);
+  attn::npy::save(path, values_2x3());
+  CHECK(read_file(path) == read_file(fixture("v1_f8_c_2x3.npy")));
+  CHECK((fs::status(path).permissions() & fs::perms::all) == (fs::perms::owner_read | fs::perms::owner_write));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+}
+
+TEST_CASE("save through a symbolic link replaces the file it names and keeps the link", "[npy]") {
+  TempDir dir("symlink");
+  fs::create_directories(dir / "runs");
+  attn::npy::save(dir / "runs" / "w.npy", Eigen::MatrixXd::Zero(3, 3));
+  fs::create_symlink(fs::path("runs") / "w.npy", dir / "latest.npy");
+  attn::npy::save(dir / "latest.npy", values_2x3());
+  CHECK(fs::is_symlink(fs::symlink_status(dir / "latest.npy")));
+  CHECK(read_file(dir / "runs" / "w.npy") == read_file(fixture("v1_f8_c_2x3.npy")));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"latest.npy", "runs"});
+  CHECK(file_names(dir / "runs") == std::vector<std::string>{"w.npy"});
+}
+
+#ifdef ATTN_TEST_HAVE_RLIMIT
+namespace {
+
+/// Runs `save` with this process's files limited to `limit` bytes and SIGXFSZ ignored (so
+/// that going past the limit fails the write with EFBIG instead of ending the process),
+/// then restores both; returns the npy_error's message, or "" if nothing was thrown.
+template <typename Save>
+std::string npy_error_with_file_size_limit(rlim_t limit, Save&& save) {
+  rlimit original{};
+  REQUIRE(getrlimit(RLIMIT_FSIZE, &original) == 0);
+  rlimit lowered = original;
+  lowered.rlim_cur = original.rlim_max == RLIM_INFINITY ? limit : std::min(limit, original.rlim_max);
+  const auto original_handler = std::signal(SIGXFSZ, SIG_IGN);
+  REQUIRE(original_handler != SIG_ERR);
+  std::string message;
+  if (setrlimit(RLIMIT_FSIZE, &lowered) == 0) {
+    try {
+      save();
+    } catch (const attn::npy_error& error) {
+      message = error.what();
+    }
+    REQUIRE(setrlimit(RLIMIT_FSIZE, &original) == 0);
+  } else {
+    message = "setrlimit failed";
+  }
+  std::signal(SIGXFSZ, original_handler);
+  return message;
+}
+
+}  // namespace
+
+TEST_CASE("a save that fails partway leaves the old file as it was and nothing beside it", "[npy][errors]") {
+  TempDir dir("atomic");
+  const fs::path path = dir / "m.npy";
+  attn::npy::save(path, values_2x3());
+  const std::string old_bytes = read_file(path);
+  REQUIRE(old_bytes.size() == 176);
+  // 512x512 doubles are 2 MiB: the 64 KiB limit stops the write in the data, after the
+  // header and the first chunks have gone out, as a full disk would.
+  const Eigen::MatrixXd large = Eigen::MatrixXd::Constant(512, 512, 0.25);
+  const std::string message = npy_error_with_file_size_limit(64 * 1024, [&] { attn::npy::save(path, large); });
+  CHECK_THAT(message, ContainsSubstring("attn::npy::save: \"" + path.string() + "\": write failed"));
+  CHECK_THAT(message, ContainsSubstring(std::generic_category().message(EFBIG)));
+  // Compared as a bool: on failure Catch2 would print 2 MiB of bytes.
+  CHECK(fs::file_size(path) == old_bytes.size());
+  const bool unchanged = read_file(path) == old_bytes;
+  CHECK(unchanged);
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+
+  // A new file that cannot be written completely is not created at all.
+  const fs::path fresh = dir / "fresh.npy";
+  const std::string fresh_message = npy_error_with_file_size_limit(64 * 1024, [&] { attn::npy::save(fresh, large); });
+  CHECK_THAT(fresh_message, ContainsSubstring("attn::npy::save: \"" + fresh.string() + "\": write failed"));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+
+  // Without the limit the same save replaces the file.
+  attn::npy::save(path, large);
+  CHECK(same_bits(attn::npy::load<double>(path), large));
+  CHECK(file_names(dir.path()) == std::vector<std::string>{"m.npy"});
+}
+#endif
+
 TEST_CASE("corrupt prefixes: magic, version, lengths", "[npy][errors]") {
   TempDir dir("prefix");
   const std::string good = read_file(fixture("v1_f8_c_2x3.npy"));
@@ -464,6 +571,102 @@ TEST_CASE("malformed headers: not a dict, keys, values", "[npy][errors]") {
   rejected(header("<f8", "False", "(-, 3)"), "'shape' must hold non-negative integers, found '-, 3)");
   rejected(header("<f8", "False", "(2, 2)"),
            "data length does not match the shape: shape (2, 2) of <f8 needs 32 bytes, the file has 48");
+}
+
+TEST_CASE("a shape with a leading zero is refused, as Python 3 and NumPy refuse 007", "[npy][errors]") {
+  TempDir dir("leading_zero");
+  const std::string data = data_bytes<double>({1, 2, 3, 4, 5, 6});
+  const auto rejected = [&](const std::string& shape, const std::string& reason) {
+    check_rejected(dir, npy_bytes(header("<f8", "False", shape), data), reason);
+  };
+  // Python 2 read 010 as octal 8: taking it as 10 would be a third reading.
+  rejected("(002, 03)", "malformed header at byte 51: 'shape' has a dimension with a leading zero '002' (Python 3 and NumPy "
+                        "read no such integer)");
+  rejected("(2, 03)", "malformed header at byte 54: 'shape' has a dimension with a leading zero '03'");
+  rejected("(6, 01)", "'shape' has a dimension with a leading zero '01'");
+  rejected("(02L, 3)", "'shape' has a dimension with a leading zero '02'");
+  // Zero itself may be spelled with any number of zeros, in Python and so in NumPy.
+  const Eigen::MatrixXd zeros = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(00, 3)"), ""));
+  CHECK(zeros.rows() == 0);
+  CHECK(zeros.cols() == 3);
+  const Eigen::MatrixXd none = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(0, 000)"), ""));
+  CHECK(none.rows() == 0);
+  CHECK(none.cols() == 0);
+}
+
+TEST_CASE("Python 2's long integers in 'shape' are read from versions 1.0 and 2.0, as NumPy reads them", "[npy]") {
+  // NumPy's bytes for the 2x3 fixture with the shape spelled (2L, 3L), as NumPy under
+  // Python 2 wrote it; make_fixtures.py checks that NumPy loads it.
+  CHECK(same_bits(attn::npy::load<double>(fixture("v1_f8_py2_long_2x3.npy")), values_2x3()));
+  const std::string data = data_bytes<double>({1, 2, 3, 4, 5, 6});
+  const Eigen::MatrixXd expected = (Eigen::MatrixXd(2, 3) << 1, 2, 3, 4, 5, 6).finished();
+  CHECK(same_bits(attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(2L, 3L)"), data, 2)), expected));
+  CHECK(same_bits(attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(2L,3L,)"), data)), expected));
+  CHECK(same_bits(attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(2 L, 3)"), data)), expected));
+  const Eigen::MatrixXd column = attn::npy::load_from_memory<double>(npy_bytes(header("<f8", "False", "(6L,)"), data));
+  CHECK(same_bits(column, Eigen::VectorXd::LinSpaced(6, 1, 6)));
+
+  // Version 3.0 came after Python 2, and NumPy does not look for the suffix there; nor is
+  // a lower-case l, or an L that starts a longer word, the suffix.
+  TempDir dir("python2_long");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2L, 3L)"), data, 3),
+                 "malformed header at byte 52: 'shape' has Python 2's long suffix 'L', which NumPy reads only in "
+                 "format versions 1.0 and 2.0");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2l, 3)"), data), "expected ',' or ')' in 'shape', found 'l, 3)");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2Lx, 3)"), data), "expected ',' or ')' in 'shape', found 'x, 3)");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(2LL, 3)"), data), "expected ',' or ')' in 'shape', found 'L, 3)");
+  check_rejected(dir, npy_bytes(header("<f8", "False", "(L, 3)"), data), "'shape' must hold non-negative integers, found 'L, 3)");
+}
+
+TEST_CASE("float64 values beyond float's range are refused when loading as float", "[npy][errors]") {
+  TempDir dir("float_range");
+  constexpr double float_max = std::numeric_limits<float>::max();
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  // Rounding to nearest takes float_max + half its ulp (2^103) and everything above to inf,
+  // and everything below to float_max.
+  const double overflows = float_max + 0x1p103;
+  const double rounds_down = std::nextafter(overflows, 0.0);
+
+  SECTION("values that round to float's largest finite value load as it; inf and NaN as themselves") {
+    const std::string bytes = npy_bytes(header("<f8", "False", "(2, 3)"),
+                                        data_bytes<double>({rounds_down, -rounds_down, float_max, inf, -inf,
+                                                            std::numeric_limits<double>::quiet_NaN()}));
+    const Eigen::MatrixXf m = attn::npy::load_from_memory<float>(bytes);
+    CHECK(m(0, 0) == std::numeric_limits<float>::max());
+    CHECK(m(0, 1) == -std::numeric_limits<float>::max());
+    CHECK(m(0, 2) == std::numeric_limits<float>::max());
+    CHECK(m(1, 0) == std::numeric_limits<float>::infinity());
+    CHECK(m(1, 1) == -std::numeric_limits<float>::infinity());
+    CHECK(std::isnan(m(1, 2)));
+  }
+
+  const auto refused_as_float = [&](const std::string& bytes, const std::string& reason) {
+    CAPTURE(reason);
+    const fs::path path = dir / "big.npy";
+    write_file(path, bytes);
+    CHECK_THROWS_AS(attn::npy::load<float>(path), attn::npy_error);
+    CHECK_THROWS_WITH(attn::npy::load<float>(path), "attn::npy::load: \"" + path.string() + "\": " + reason);
+    CHECK_THROWS_WITH(attn::npy::load_from_memory<float>(bytes), "attn::npy::load_from_memory: " + reason);
+    // As double, the same file is fine.
+    CHECK_NOTHROW(attn::npy::load<double>(path));
+  };
+  SECTION("the first such value in the file is named, with its position in the array") {
+    // The matrix [[1, 2, 1e300], [-1e300, 5, 6]], by rows and by columns: each order meets
+    // a different one first.
+    const std::string c_order = npy_bytes(header("<f8", "False", "(2, 3)"), data_bytes<double>({1, 2, 1e300, -1e300, 5, 6}));
+    refused_as_float(c_order, "the float64 value 1e+300 at [0, 2] is too large for float (it would load as inf): load "
+                              "the file as double");
+    CHECK(attn::npy::load_from_memory<double>(c_order)(0, 2) == 1e300);
+    const std::string fortran = npy_bytes(header("<f8", "True", "(2, 3)"), data_bytes<double>({1, -1e300, 2, 5, 1e300, 6}));
+    refused_as_float(fortran, "the float64 value -1e+300 at [1, 0] is too large for float (it would load as inf): load "
+                              "the file as double");
+    CHECK(attn::npy::load_from_memory<double>(fortran)(1, 0) == -1e300);
+  }
+  SECTION("the smallest value that overflows, in a 1-D array") {
+    refused_as_float(npy_bytes(header("<f8", "False", "(4,)"), data_bytes<double>({0, inf, 1, -overflows})),
+                     "the float64 value -3.4028235677973366e+38 at [3] is too large for float (it would load as inf): "
+                     "load the file as double");
+  }
 }
 
 TEST_CASE("shapes too large for memory are refused before anything is allocated", "[npy][errors]") {

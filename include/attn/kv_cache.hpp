@@ -146,12 +146,14 @@ class KVCache {
   void clear() noexcept { std::fill(sizes_.begin(), sizes_.end(), Eigen::Index(0)); }
 
   /// Forgets all but the first `size` tokens of every layer (rolling back a speculative or
-  /// rejected continuation).
+  /// rejected continuation). A layer holding `size` tokens or fewer is left as it is: a
+  /// rollback to a point the layer never reached has nothing to forget, and the rows past
+  /// its size are storage, not tokens.
   void truncate(Eigen::Index size) {
     for (Eigen::Index layer = 0; layer < num_layers(); ++layer) truncate(layer, size);
   }
 
-  /// Forgets all but the first `size` tokens of `layer`.
+  /// Forgets all but the first `size` tokens of `layer`; nothing if it holds `size` or fewer.
   void truncate(Eigen::Index layer, Eigen::Index size) {
     const std::size_t l = index(layer);
     if (size < 0) detail::raise<std::invalid_argument>("attn::KVCache::truncate: size must be >= 0, got ", size);

@@ -4,15 +4,17 @@
 /// and reference outputs can move between attn and Python (`numpy.load`, `numpy.save`).
 ///
 /// What is read: format versions 1.0, 2.0 and 3.0; little-endian float32 (`'<f4'`) and
-/// float64 (`'<f8'`), converted to the requested scalar; 1-D and 2-D arrays, in C order or
-/// Fortran order. A 1-D array of length n loads as an n×1 column, Eigen's own orientation
-/// for a vector (it assigns to an `Eigen::VectorXd` as it is; `.transpose()` gives a row).
-/// Anything else throws `attn::npy_error` naming the file and the reason.
+/// float64 (`'<f8'`), converted to the requested scalar (a finite float64 value too large
+/// for float is an error, not inf); 1-D and 2-D arrays, in C order or Fortran order. A 1-D
+/// array of length n loads as an n×1 column, Eigen's own orientation for a vector (it
+/// assigns to an `Eigen::VectorXd` as it is; `.transpose()` gives a row). Anything else
+/// throws `attn::npy_error` naming the file and the reason.
 ///
 /// What is written: version 1.0 (2.0 only if a header ever outgrew 64 KiB), the dtype of
 /// the scalar, always a 2-D shape (so an n×1 matrix is saved as shape (n, 1), not (n,)),
 /// data in C order, and a header padded so that the data starts at a multiple of 64 bytes:
-/// byte for byte what `numpy.save` writes for the same array.
+/// byte for byte what `numpy.save` writes for the same array. A save replaces the file
+/// whole or not at all (see `save`).
 ///
 /// The header is a Python dict literal. It is parsed by a small hand-written parser for
 /// the restricted grammar NumPy writes, from a bounded string: every length is checked
@@ -20,9 +22,14 @@
 /// tests/fuzz/). Reference: numpy/lib/format.py and NEP 1.
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -98,7 +105,9 @@ inline std::string shape_string(const Header& header) {
 /// NumPy writes none, and a file that has them is not one attn should guess at.
 class HeaderParser {
  public:
-  HeaderParser(std::string_view text, std::string_view where) : text_(text), where_(where) {}
+  /// `python2_longs`: whether a dimension may end in Python 2's long suffix, `2L`.
+  HeaderParser(std::string_view text, std::string_view where, bool python2_longs)
+      : text_(text), where_(where), python2_longs_(python2_longs) {}
 
   Header parse() {
     skip_whitespace();
@@ -270,6 +279,26 @@ class HeaderParser {
       position_ = start;
       fail("'shape' must hold non-negative integers, found " + rest());
     }
+    // Python 3 has no integer literal with a leading zero other than 0 itself (00 is 0),
+    // so NumPy refuses one; Python 2 read 010 as octal 8, and taking it as 10 would be a
+    // third reading.
+    if (digits[0] == '0' && digits.find_first_not_of('0') != std::string_view::npos) {
+      position_ = digits_start;
+      fail("'shape' has a dimension with a leading zero " + quote(digits) + " (Python 3 and NumPy read no such integer)");
+    }
+    // Python 2 wrote long integers as 2L, and NumPy under Python 2 wrote such shapes. NumPy
+    // drops the L (a token of its own, so spaces may come before it) from the versions that
+    // Python 2 wrote, 1.0 and 2.0, and nowhere else.
+    const std::size_t after_digits = position_;
+    skip_whitespace();
+    if (peek() == 'L') {
+      if (!python2_longs_) {
+        fail("'shape' has Python 2's long suffix 'L', which NumPy reads only in format versions 1.0 and 2.0");
+      }
+      ++position_;
+    } else {
+      position_ = after_digits;
+    }
     return digits;
   }
 
@@ -312,13 +341,16 @@ class HeaderParser {
 
   std::string_view text_;
   std::string_view where_;
+  bool python2_longs_;
   std::size_t position_ = 0;
 };
 
-/// Parses and validates a header dict (the text between the length field and the data).
-/// Throws npy_error, with `where` in front of the reason, for anything attn does not read.
-inline Header parse_header(std::string_view text, std::string_view where = "attn::npy::detail::parse_header") {
-  return HeaderParser(text, where).parse();
+/// Parses and validates a header dict (the text between the length field and the data) of
+/// a file of format version `major_version`.0. Throws npy_error, with `where` in front of
+/// the reason, for anything attn does not read.
+inline Header parse_header(std::string_view text, std::string_view where = "attn::npy::detail::parse_header",
+                           int major_version = 1) {
+  return HeaderParser(text, where, major_version <= 2).parse();
 }
 
 inline constexpr std::string_view magic{"\x93NUMPY", 6};
@@ -403,10 +435,44 @@ constexpr void require_npy_scalar() noexcept {
                 ".cast<float>() or .cast<double>()");
 }
 
+/// `value` in the fewest significant digits that read back as the same double, so that a
+/// message shows 1e+300 rather than 1.0000000000000001e+300, and a value just past a limit
+/// is not printed as the limit.
+inline std::string shortest_decimal(double value) {
+  char text[32];
+  for (int digits = 1;; ++digits) {
+    std::snprintf(text, sizeof text, "%.*g", digits, value);
+    if (digits >= std::numeric_limits<double>::max_digits10 || std::strtod(text, nullptr) == value) return text;
+  }
+}
+
+/// float64 data loaded as float: a finite value too large for float would become inf, a
+/// wrong number with no sign of trouble, so the first one in the file's order is refused
+/// with its index in the array. Values that round to float's largest finite value load
+/// as it, and inf and NaN stored in the file load as themselves.
+template <int Order>
+void require_float_range(const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Order>& data, const Header& header,
+                         std::string_view where) {
+  // Rounding to nearest takes float's largest finite value plus half its last place (2^103)
+  // and everything above it to inf, and everything below it to a finite float.
+  constexpr double overflows_at = static_cast<double>(std::numeric_limits<float>::max()) + 0x1p103;
+  const double* values = data.data();
+  for (Eigen::Index i = 0; i < data.size(); ++i) {
+    // NaN fails the comparison, and an inf in the file is no overflow: both load as they are.
+    if (!(std::abs(values[i]) >= overflows_at) || std::isinf(values[i])) continue;
+    const Eigen::Index row = Order == Eigen::RowMajor ? i / data.cols() : i % data.rows();
+    const Eigen::Index col = Order == Eigen::RowMajor ? i % data.cols() : i / data.rows();
+    const std::string index = header.ndim == 1 ? "[" + std::to_string(row) + "]"
+                                               : "[" + std::to_string(row) + ", " + std::to_string(col) + "]";
+    fail(where, "the float64 value " + shortest_decimal(values[i]) + " at " + index +
+                    " is too large for float (it would load as inf): load the file as double");
+  }
+}
+
 /// Fills a matrix of the file's scalar and storage order with `read(destination, bytes)`,
 /// which must deliver exactly `bytes` bytes, then converts it to a column-major `Scalar`.
 template <typename Scalar, typename FileScalar, int Order, typename ReadBytes>
-Matrix<Scalar> read_data_as(const Header& header, ReadBytes& read) {
+Matrix<Scalar> read_data_as(const Header& header, ReadBytes& read, std::string_view where) {
   Eigen::Matrix<FileScalar, Eigen::Dynamic, Eigen::Dynamic, Order> data(header.rows, header.cols);
   if (header.data_bytes == 0) return Matrix<Scalar>(header.rows, header.cols);
   read(data.data(), header.data_bytes);
@@ -414,19 +480,22 @@ Matrix<Scalar> read_data_as(const Header& header, ReadBytes& read) {
   if constexpr (std::is_same_v<Scalar, FileScalar> && Order == Eigen::ColMajor) {
     return data;  // Fortran order in the requested scalar: no copy
   } else {
+    if constexpr (std::is_same_v<Scalar, float> && std::is_same_v<FileScalar, double>) {
+      require_float_range(data, header, where);
+    }
     return data.template cast<Scalar>();
   }
 }
 
 template <typename Scalar, typename ReadBytes>
-Matrix<Scalar> read_data(const Header& header, ReadBytes&& read) {
+Matrix<Scalar> read_data(const Header& header, ReadBytes&& read, std::string_view where) {
   // Fortran order is Eigen's column-major, C order its row-major; a 1-D array is both.
   if (header.dtype == Dtype::f4) {
-    return header.fortran_order ? read_data_as<Scalar, float, Eigen::ColMajor>(header, read)
-                                : read_data_as<Scalar, float, Eigen::RowMajor>(header, read);
+    return header.fortran_order ? read_data_as<Scalar, float, Eigen::ColMajor>(header, read, where)
+                                : read_data_as<Scalar, float, Eigen::RowMajor>(header, read, where);
   }
-  return header.fortran_order ? read_data_as<Scalar, double, Eigen::ColMajor>(header, read)
-                              : read_data_as<Scalar, double, Eigen::RowMajor>(header, read);
+  return header.fortran_order ? read_data_as<Scalar, double, Eigen::ColMajor>(header, read, where)
+                              : read_data_as<Scalar, double, Eigen::RowMajor>(header, read, where);
 }
 
 /// The header dict NumPy writes for a C-order 2-D array, keys sorted, with the spaces
@@ -496,17 +565,109 @@ void write_npy(const Eigen::MatrixBase<Derived>& matrix, WriteBytes&& write) {
 template <typename Scalar>
 Matrix<Scalar> load_bytes(std::string_view bytes, std::string_view where) {
   const Prefix prefix = parse_prefix(bytes.substr(0, 12), bytes.size(), where);
-  const Header header = parse_header(bytes.substr(prefix.header_offset, prefix.header_length), where);
+  const Header header = parse_header(bytes.substr(prefix.header_offset, prefix.header_length), where, prefix.major);
   const std::string_view data = bytes.substr(prefix.header_offset + prefix.header_length);
   require_data_length(header, data.size(), where);
-  return read_data<Scalar>(header, [&](void* destination, std::size_t count) {
-    std::memcpy(destination, data.data(), count);
-  });
+  return read_data<Scalar>(
+      header, [&](void* destination, std::size_t count) { std::memcpy(destination, data.data(), count); }, where);
 }
 
 inline std::string system_reason() {
   return errno != 0 ? ": " + std::generic_category().message(errno) : std::string();
 }
+
+/// Writes the file at `path` directly, as a device or a pipe must be written.
+template <typename Derived>
+void write_in_place(const std::filesystem::path& path, const Eigen::MatrixBase<Derived>& matrix, std::string_view where) {
+  errno = 0;
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) fail(where, "cannot open for writing" + system_reason());
+  write_npy(matrix, [&](const void* bytes, std::size_t count) {
+    out.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(count));
+  });
+  out.close();
+  // Checked once at the end: a failed write sets the stream's state, which stays set.
+  if (!out) fail(where, "write failed" + system_reason());
+}
+
+/// Creates `path` for writing, failing if anything of that name exists (C11's "x" mode,
+/// which C++17 includes): two saves never write one temporary file.
+inline std::FILE* create_new_file(const std::filesystem::path& path) {
+#if defined(_WIN32)
+  return _wfopen(path.c_str(), L"wbx");  // the path is UTF-16 there: fopen would lose characters
+#else
+  return std::fopen(path.c_str(), "wbx");
+#endif
+}
+
+/// The new file that `save` writes beside the target and renames over it once complete.
+/// Destroyed before that (a failed write, an exception from evaluating the matrix), it is
+/// closed and removed.
+class TemporaryFile {
+ public:
+  TemporaryFile(const std::filesystem::path& target, std::string_view where) : where_(where) {
+    // Beside the target, as a rename is atomic only within one file system. The name is
+    // hidden and says what it was for; a counter makes it unique in this process and the
+    // clock across processes, and exclusive creation makes a clash another try, never two
+    // writers of one file.
+    static std::atomic<unsigned long> counter{0};
+    const auto now = static_cast<unsigned long long>(std::chrono::system_clock::now().time_since_epoch().count());
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      // Built as a path, not a std::string, so that the name keeps the path's own encoding.
+      std::filesystem::path name = ".";
+      name += target.filename();
+      name += ".attn-tmp-" + std::to_string(now) + "-" + std::to_string(counter++);
+      path_ = target;
+      path_.replace_filename(name);
+      errno = 0;
+      file_ = create_new_file(path_);
+      if (file_ != nullptr || errno != EEXIST) break;
+    }
+    if (file_ == nullptr) {
+      fail(where_, "cannot open for writing: cannot create the temporary file \"" + path_.string() + "\"" +
+                       system_reason());
+    }
+  }
+
+  ~TemporaryFile() {
+    if (file_ != nullptr) std::fclose(file_);
+    if (!replaced_) {
+      std::error_code ignored;
+      std::filesystem::remove(path_, ignored);
+    }
+  }
+
+  TemporaryFile(const TemporaryFile&) = delete;
+  TemporaryFile& operator=(const TemporaryFile&) = delete;
+
+  const std::filesystem::path& path() const noexcept { return path_; }
+
+  void write(const void* bytes, std::size_t count) {
+    errno = 0;
+    if (std::fwrite(bytes, 1, count, file_) != count) fail(where_, "write failed" + system_reason());
+  }
+
+  /// Flushes and closes the file, then renames it over `target`: each step can be the one
+  /// that finds the disk full, so each is checked before the old file is given up.
+  void replace(const std::filesystem::path& target) {
+    errno = 0;
+    if (std::fflush(file_) != 0) fail(where_, "write failed" + system_reason());
+    std::FILE* const file = file_;
+    file_ = nullptr;  // closed even if fclose fails
+    errno = 0;
+    if (std::fclose(file) != 0) fail(where_, "write failed" + system_reason());
+    std::error_code error;
+    std::filesystem::rename(path_, target, error);
+    if (error) fail(where_, "cannot replace the file with the temporary \"" + path_.string() + "\": " + error.message());
+    replaced_ = true;
+  }
+
+ private:
+  std::string where_;
+  std::filesystem::path path_;
+  std::FILE* file_ = nullptr;
+  bool replaced_ = false;
+};
 
 }  // namespace npy::detail
 
@@ -516,7 +677,8 @@ namespace npy {
 /// values if the file's dtype is the other one. A 1-D array of length n is an n×1 column.
 /// Throws attn::npy_error (with the path and the reason) for a file that cannot be opened,
 /// is truncated, corrupt, or holds anything else (another dtype, big-endian data, 0-D or
-/// 3-D and higher shapes).
+/// 3-D and higher shapes), and for float64 data loaded as float that holds a finite value
+/// too large for float (naming the first one and its index).
 template <typename Scalar>
 Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem::path& path) {
   detail::require_npy_scalar<Scalar>();
@@ -551,9 +713,9 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem
   std::string header_text(prefix.header_length, '\0');
   in.seekg(static_cast<std::streamoff>(prefix.header_offset));
   read(header_text.data(), header_text.size());
-  const detail::Header header = detail::parse_header(header_text, where);
+  const detail::Header header = detail::parse_header(header_text, where, prefix.major);
   detail::require_data_length(header, file_size - prefix.header_offset - prefix.header_length, where);
-  return detail::read_data<Scalar>(header, read);
+  return detail::read_data<Scalar>(header, read, where);
 }
 
 /// `load` for a whole .npy file already in memory.
@@ -565,20 +727,39 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load_from_memory(std::stri
 
 /// Saves a float or double matrix (any Eigen expression: a block, a Map, a row-major
 /// matrix, a product) as a .npy file that `numpy.load` reads with the same shape, always
-/// 2-D. Throws attn::npy_error if the file cannot be created or written.
+/// 2-D. The file is written whole or not at all: the data goes to a new file beside it,
+/// which replaces it only once complete, so a save that fails (a full disk, a file-size
+/// limit, an exception) leaves an existing file as it was and no temporary file behind. A
+/// symbolic link is followed (the file it names is replaced, the link kept), and an
+/// existing file's permissions are kept. A device or pipe (`/dev/stdout`) is written in
+/// place. Throws attn::npy_error if the file cannot be created, written or replaced.
 template <typename Derived>
 void save(const std::filesystem::path& path, const Eigen::MatrixBase<Derived>& matrix) {
   detail::require_npy_scalar<typename Derived::Scalar>();
+  namespace fs = std::filesystem;
   const std::string where = "attn::npy::save: \"" + path.string() + "\"";
-  errno = 0;
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) detail::fail(where, "cannot open for writing" + detail::system_reason());
-  detail::write_npy(matrix, [&](const void* bytes, std::size_t count) {
-    out.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(count));
-  });
-  out.close();
-  // Checked once at the end: a failed write sets the stream's state, which stays set.
-  if (!out) detail::fail(where, "write failed" + detail::system_reason());
+  std::error_code error;
+  // Writing to a link writes the file it names; replacing the link by a file would not.
+  fs::path target = path;
+  if (fs::is_symlink(fs::symlink_status(path, error))) {
+    target = fs::weakly_canonical(path, error);
+    if (error) detail::fail(where, "cannot open for writing: cannot resolve the symbolic link: " + error.message());
+  }
+  const fs::file_status status = fs::status(target, error);
+  const bool exists = fs::exists(status);
+  if (exists && fs::is_directory(status)) detail::fail(where, "cannot open for writing: it is a directory");
+  if (exists && !fs::is_regular_file(status)) {
+    // A device or a pipe holds no old contents to keep, and must not be renamed over.
+    detail::write_in_place(target, matrix, where);
+    return;
+  }
+  detail::TemporaryFile temporary(target, where);
+  // Before any data: a file the owner alone may read must not be readable by others, even
+  // while it is being written. A file system without permissions refuses to set them, and
+  // then there is nothing to keep, so a failure here does not fail the save.
+  if (exists) fs::permissions(temporary.path(), status.permissions(), error);
+  detail::write_npy(matrix, [&](const void* bytes, std::size_t count) { temporary.write(bytes, count); });
+  temporary.replace(target);
 }
 
 }  // namespace npy
