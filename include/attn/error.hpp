@@ -7,6 +7,7 @@
 /// message is only formatted on the cold path that throws.
 
 #include <cmath>
+#include <locale>
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
@@ -52,6 +53,7 @@ inline std::ostream& operator<<(std::ostream& out, Shape shape) { return out << 
 template <typename... Parts>
 std::string message(const Parts&... parts) {
   std::ostringstream out;
+  out.imbue(std::locale::classic());  // "1024", whatever the program's global locale groups
   (out << ... << parts);
   return out.str();
 }

@@ -53,7 +53,8 @@ void run_work_items(const Problem& problem, Workspace<Scalar>& workspace, Out& o
       const Eigen::Index first_row = h * block.queries;
       if (plan.splits_keys()) {
         const Eigen::Index partial_row = plan.partial_row(head, item.chunk);
-        finish_rows(slot, first_row, block.queries, d_v, WorkspaceAccess::partial_out(workspace, partial_row, plan.n_q, d_v),
+        finish_rows(slot, first_row, block.queries, d_v,
+                    WorkspaceAccess::partial_out(workspace, partial_row, plan.n_q, d_v),
                     WorkspaceAccess::partial_lse(workspace, partial_row, plan.n_q));
       } else {
         finish_rows(slot, first_row, block.queries, d_v, out.block(block.first_query, head * d_v, block.queries, d_v),
@@ -88,7 +89,8 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
                                const Eigen::MatrixBase<DerivedV>& v, Heads heads,
                                const AttentionOptions<Scalar>& options, const Mods<ScoreMod, MaskMod>& mods, Out& out,
                                Lse& lse, Workspace<Scalar>& workspace) {
-  static_assert(BlockQ >= 0 && BlockK >= 0, "attn::flash_attention: tile sizes must be positive (or 0 for the default)");
+  static_assert(BlockQ >= 0 && BlockK >= 0,
+                "attn::flash_attention: tile sizes must be positive (or 0 for the default)");
   const Eigen::Index d_k = q.cols() / heads.num_heads;
   const Eigen::Index d_v = v.cols() / heads.num_kv_heads;
   const TilePlan plan = plan_attention(q.rows(), k.rows(), heads, d_k, d_v, options, BlockQ, BlockK);

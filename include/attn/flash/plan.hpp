@@ -98,6 +98,8 @@ struct TilePlan {
   Eigen::Index block_k = 0;
   /// The score tile's row stride: block_k rounded up to 64 bytes (see `plan_tiles`).
   Eigen::Index score_stride = 0;
+  /// `pack_limit` of the plan's scalar, which bounds the weights · values slices.
+  Eigen::Index pack_scalars = 0;
   Eigen::Index query_blocks = 0;
   Eigen::Index key_chunks = 1;
   /// The keys the split divides: [key_from, key_from + key_span).
@@ -111,6 +113,11 @@ struct TilePlan {
   int threads = 0;
 
   bool splits_keys() const noexcept { return key_chunks > 1; }
+  /// Keys per slice of the weights · values product of a block of `rows` rows: slices keep
+  /// Eigen's packed copy of the weights within its stack limit.
+  Eigen::Index value_slice(Eigen::Index rows) const noexcept {
+    return std::max<Eigen::Index>(16, pack_scalars / std::max<Eigen::Index>(rows, 1));
+  }
   /// Rows of the key split's partial outputs: chunk c of head h at [(h·chunks + c)·n_q, …).
   Eigen::Index partial_rows() const noexcept { return splits_keys() ? num_heads * key_chunks * n_q : 0; }
   Eigen::Index partial_row(Eigen::Index head, Eigen::Index chunk) const noexcept {
@@ -150,6 +157,7 @@ TilePlan plan_tiles(const TileShape& shape) noexcept {
   // stay bitwise identical whatever the thread count or the workspace's history.
   constexpr Eigen::Index per_line = std::max<Eigen::Index>(1, 64 / static_cast<Eigen::Index>(sizeof(Scalar)));
   plan.score_stride = (plan.block_k + per_line - 1) / per_line * per_line;
+  plan.pack_scalars = pack_limit<Scalar>;
   if (shape.n_q == 0) return plan;
 
   plan.query_blocks = (shape.n_q + plan.block_q - 1) / plan.block_q;

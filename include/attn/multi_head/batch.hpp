@@ -46,7 +46,8 @@ auto MultiHeadAttention<Scalar>::forward_batch(const std::vector<SequenceQ>& que
   const int threads = detail::resolve_thread_count(options.num_threads);
   if (batch >= threads) {
     // Sequences in parallel, each on one thread.
-    std::vector<MultiHeadWorkspace<Scalar>> workspaces(static_cast<std::size_t>(std::min<Eigen::Index>(threads, batch)));
+    const auto sequence_threads = static_cast<std::size_t>(std::min<Eigen::Index>(threads, batch));
+    std::vector<MultiHeadWorkspace<Scalar>> workspaces(sequence_threads);
     AttentionOptions<Scalar> sequential = options;
     sequential.num_threads = 1;
     detail::parallel_for(batch, static_cast<int>(workspaces.size()), [&](Eigen::Index i, int thread) {
