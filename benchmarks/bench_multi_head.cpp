@@ -283,11 +283,11 @@ void BM_decode(benchmark::State& state, Eigen::Index num_kv_heads) {
   const Eigen::RowVectorXf x = Eigen::RowVectorXf::Random(embed_dim);
   Eigen::RowVectorXf out = Eigen::RowVectorXf::Zero(embed_dim);
   attn::MultiHeadWorkspacef workspace;
-  module.forward_into(x, cache, 0, options, out, workspace);  // sizes the workspace
+  module.decode_into(x, cache, 0, options, out, workspace);  // sizes the workspace
   cache.truncate(length);
   const LoadProbe probe;
   for (auto _ : state) {
-    module.forward_into(x, cache, 0, options, out, workspace);
+    module.decode_into(x, cache, 0, options, out, workspace);
     cache.truncate(length);  // O(1): the next step sees the same cache
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();

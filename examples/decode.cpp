@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
   const auto step = [&](const Eigen::MatrixXf& x) {
     hidden = x;
     for (Eigen::Index layer = 0; layer < num_layers; ++layer) {
-      layers[static_cast<std::size_t>(layer)].forward_into(hidden, cache, layer, {}, attended, workspace);
+      layers[static_cast<std::size_t>(layer)].decode_into(hidden, cache, layer, {}, attended, workspace);
       hidden += attended;
     }
   };

@@ -41,7 +41,7 @@ TEST_CASE("kernels name the operation, the operands and both shapes", "[errors]"
   CHECK_THROWS_WITH(attn::project(x, w_ok, bias3),
                     "attn::project: bias has 3 entries but w has 2 columns (bias is 1x3, w is 4x2)");
   const MatrixXd bias_matrix = MatrixXd::Ones(2, 2);
-  CHECK_THROWS_WITH(attn::project(x, w_ok, bias_matrix), "attn::project: bias must be a vector but is 2x2");
+  CHECK_THROWS_WITH(attn::project(x, w_ok, bias_matrix), "attn::project: bias is 2x2 but must be a vector");
 }
 
 TEST_CASE("attention rejects mismatched operands and options", "[errors]") {

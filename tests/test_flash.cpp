@@ -255,7 +255,11 @@ TEMPLATE_TEST_CASE("decoding: few queries over a long cache split the keys and m
   attn::Workspace<Scalar> workspace;
   Matrix<Scalar> out, lse;
   attn::flash_attention_into(q, k, v, attn::Heads{num_heads, num_kv_heads}, options, out, lse, workspace);
-  CHECK(workspace.partial_out.rows() >= num_heads * 4 * n_q);  // it did split
+  // It did split: the call's plan has four chunks, and each of its work items one chunk.
+  const attn::TilePlan plan =
+      attn::detail::plan_attention(n_q, n_k, attn::Heads{num_heads, num_kv_heads}, d, d, options);
+  CHECK(plan.key_chunks == 4);
+  CHECK(plan.item(plan.items - 1).key_end - plan.item(plan.items - 1).key_begin == 123 - 50);
   for (Index head = 0; head < num_heads; ++head) {
     const Index kv_head = head / 2;
     Matrix<Scalar> weights;

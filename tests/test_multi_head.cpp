@@ -463,7 +463,7 @@ Matrix<Scalar> decode_in_steps(const attn::MultiHeadAttention<Scalar>& module, c
   Matrix<Scalar> out;
   for (Index first = 0; first < sequence.rows(); first += chunk) {
     const Index count = std::min(chunk, sequence.rows() - first);
-    module.forward_into(sequence.middleRows(first, count), cache, layer, options, out, workspace);
+    module.decode_into(sequence.middleRows(first, count), cache, layer, options, out, workspace);
     outputs.middleRows(first, count) = out;
   }
   return outputs;
@@ -543,17 +543,17 @@ TEST_CASE("a KV cache at capacity throws and stays as it was, or grows when aske
     auto cache = random.module.make_cache(1, 4);
     decode_in_steps(random.module, Matrix<double>(sequence.topRows(3)), 3, cache, 0);
     const Matrix<double> keys_before = cache.keys(0);
-    CHECK_THROWS_MATCHES(random.module.forward(sequence.middleRows(3, 2), cache, 0), attn::capacity_error,
+    CHECK_THROWS_MATCHES(random.module.decode(sequence.middleRows(3, 2), cache, 0), attn::capacity_error,
                          attn_test::Message("attn::KVCache: layer 0 holds 3 of 4 tokens and cannot take 2 more "
                                             "(reserve a larger capacity, or construct with CacheOverflow::grow)"));
     CHECK(cache.size(0) == 3);
     CHECK(cache.keys(0) == keys_before);
     // One more still fits; then it is full.
-    random.module.forward(sequence.middleRows(3, 1), cache, 0);
-    CHECK_THROWS_AS(random.module.forward(sequence.middleRows(4, 1), cache, 0), attn::capacity_error);
+    random.module.decode(sequence.middleRows(3, 1), cache, 0);
+    CHECK_THROWS_AS(random.module.decode(sequence.middleRows(4, 1), cache, 0), attn::capacity_error);
     // reserve makes room and keeps the contents: decoding goes on.
     cache.reserve(6);
-    const Matrix<double> last = random.module.forward(sequence.bottomRows(2), cache, 0);
+    const Matrix<double> last = random.module.decode(sequence.bottomRows(2), cache, 0);
     CHECK(max_abs_difference(last, full.bottomRows(2)) <= 1e-12);
   }
   SECTION("grow: reallocates and goes on") {
@@ -717,14 +717,22 @@ TEST_CASE("MultiHeadAttention rejects bad shapes with the numbers", "[multi_head
     std::vector<Matrix<float>> bad_batch{x, Matrix<float>(2, 3)};
     ATTN_CHECK_THROWS_CONTAINING(module.forward_batch(bad_batch), attn::dimension_error,
                          "forward_batch (sequence 1): query is 2x3");
+    // The options are checked before anything else, whatever the batch's size: an empty
+    // batch with a negative thread count once reached std::vector's length_error instead.
+    attn::AttentionOptionsf negative_threads;
+    negative_threads.num_threads = -1;
+    CHECK_THROWS_MATCHES(module.forward_batch(std::vector<Matrix<float>>{}, negative_threads), std::invalid_argument,
+                         Message("attn::MultiHeadAttention::forward_batch: num_threads must be 0 (all) or positive, "
+                                 "got -1"));
+    CHECK_THROWS_AS(module.forward_batch(batch, negative_threads), std::invalid_argument);
   }
   SECTION("a decode step checks the cache's shape") {
     attn::KVCachef cache(1, 6, 8, 4);
-    ATTN_CHECK_THROWS_CONTAINING(module.forward(Matrix<float>::Zero(1, 8), cache, 0), attn::dimension_error,
+    ATTN_CHECK_THROWS_CONTAINING(module.decode(Matrix<float>::Zero(1, 8), cache, 0), attn::dimension_error,
                          "cache holds keys of 6 and values of 8 columns but the module's are "
                                            "num_kv_heads*head_dim = 8");
     auto good = module.make_cache(1, 4);
-    CHECK_THROWS_AS(module.forward(Matrix<float>::Zero(1, 8), good, 1), std::out_of_range);
+    CHECK_THROWS_AS(module.decode(Matrix<float>::Zero(1, 8), good, 1), std::out_of_range);
     CHECK(good.size(0) == 0);
   }
 }

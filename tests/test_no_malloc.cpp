@@ -277,7 +277,7 @@ TEMPLATE_TEST_CASE("a decode step allocates nothing once the cache's capacity is
   const Matrix tokens = attn_test::random_matrix<Scalar>(n, embed_dim, 10);
   const Matrix filler = attn_test::random_matrix<Scalar>(n, module.kv_width(), 11);
   auto cache = module.make_cache(1, n);
-  module.forward_into(tokens.topRows(1), cache, 0, {}, out, workspace);  // sizes the workspace
+  module.decode_into(tokens.topRows(1), cache, 0, {}, out, workspace);  // sizes the workspace
   Index steps = 0;
   for (const auto& window : windows) {
     const Index gap = window[0] - cache.size(0);
@@ -285,7 +285,7 @@ TEMPLATE_TEST_CASE("a decode step allocates nothing once the cache's capacity is
     REQUIRE(cache.size(0) == window[0]);
     HeapForbidden forbidden;
     for (Index t = window[0]; t < window[1]; ++t, ++steps) {
-      REQUIRE_NOTHROW(module.forward_into(tokens.middleRows(t, 1), cache, 0, {}, out, workspace));
+      REQUIRE_NOTHROW(module.decode_into(tokens.middleRows(t, 1), cache, 0, {}, out, workspace));
     }
   }
   CHECK(steps == 119);

@@ -95,12 +95,10 @@ TEMPLATE_TEST_CASE("apply_rope matches a loop reference for both styles", "[rope
   const Eigen::MatrixXd expected = reference_rope(x.template cast<double>(), positions, head_dim, base, style);
   const double tol = rope_tolerance<Scalar>(2.0, 100000);
 
-  const Matrix<Scalar> rotated = attn::apply_rope(x, positions_int, head_dim, base, style);
+  const Matrix<Scalar> rotated = attn::apply_rope(x, positions_int, head_dim, attn::Rope{base, style});
   CHECK(max_abs_difference(rotated, expected) <= tol);
-  // Any integer type, either orientation, the Rope form and the in-place form agree bitwise.
+  // Any integer type, either orientation, and the in-place form agree bitwise.
   CHECK(attn::apply_rope(x, positions_index, head_dim, attn::Rope{base, style}) == rotated);
-  // The first-position form takes base and style as the positions form does.
-  CHECK(attn::apply_rope(x, 7, head_dim, base, style) == attn::apply_rope(x, 7, head_dim, attn::Rope{base, style}));
   Matrix<Scalar> in_place = x;
   attn::apply_rope_inplace(in_place, positions_int.transpose(), head_dim, attn::Rope{base, style});
   CHECK(in_place == rotated);
@@ -142,10 +140,10 @@ TEMPLATE_TEST_CASE("position 0 is the identity, and every pair keeps its norm", 
   INFO("style=" << style_name(style));
   const Matrix<Scalar> x = random_matrix<Scalar>(n, num_heads * head_dim, 31, 3.0);
   // cos 0 = 1 and sin 0 = 0 exactly: position 0 leaves every bit alone.
-  CHECK(attn::apply_rope(x, Eigen::VectorXi::Zero(n), head_dim, 10000.0, style) == x);
+  CHECK(attn::apply_rope(x, Eigen::VectorXi::Zero(n), head_dim, attn::Rope{10000.0, style}) == x);
 
   const Eigen::VectorXi positions = (Eigen::VectorXi(n) << 0, 1, 5, 999, 4096, -77).finished();
-  const Matrix<Scalar> rotated = attn::apply_rope(x, positions, head_dim, 10000.0, style);
+  const Matrix<Scalar> rotated = attn::apply_rope(x, positions, head_dim, attn::Rope{10000.0, style});
   const Index half = head_dim / 2;
   for (Index r = 0; r < n; ++r) {
     for (Index first = 0; first < num_heads * head_dim; first += head_dim) {
@@ -169,7 +167,7 @@ TEMPLATE_TEST_CASE("with head_dim 2 a token turns by its position in radians", "
   const Eigen::VectorXi positions = (Eigen::VectorXi(6) << 0, 1, 2, -1, 4096, 100000).finished();
   Matrix<Scalar> x(6, 4);  // two heads: (1, 0) and (0, 1)
   for (Index r = 0; r < 6; ++r) x.row(r) << 1, 0, 0, 1;
-  const Matrix<Scalar> rotated = attn::apply_rope(x, positions, 2, base, style);
+  const Matrix<Scalar> rotated = attn::apply_rope(x, positions, 2, attn::Rope{base, style});
   for (Index r = 0; r < 6; ++r) {
     INFO("position " << positions(r));
     const auto c = static_cast<Scalar>(std::cos(static_cast<double>(positions(r))));
@@ -197,9 +195,9 @@ TEMPLATE_TEST_CASE("halves is interleaved applied to de-interleaved features", "
       interleaved_x.col(first + 2 * i + 1) = x.col(first + i + half);
     }
   }
-  const Matrix<Scalar> halves = attn::apply_rope(x, positions, head_dim, 10000.0, attn::RopeStyle::halves);
+  const Matrix<Scalar> halves = attn::apply_rope(x, positions, head_dim, attn::Rope{10000.0, attn::RopeStyle::halves});
   const Matrix<Scalar> interleaved =
-      attn::apply_rope(interleaved_x, positions, head_dim, 10000.0, attn::RopeStyle::interleaved);
+      attn::apply_rope(interleaved_x, positions, head_dim, attn::Rope{10000.0, attn::RopeStyle::interleaved});
   Matrix<Scalar> back(n, x.cols());
   for (Index first = 0; first < x.cols(); first += head_dim) {
     for (Index i = 0; i < half; ++i) {
@@ -290,12 +288,12 @@ TEST_CASE("apply_rope rejects bad head sizes, positions and bases", "[rope][erro
   CHECK_THROWS_WITH(attn::apply_rope(x, Eigen::RowVectorXi::Zero(5), 4),
                     "attn::apply_rope: positions has 5 columns but x has 4 rows (positions is 1x5, x is 4x12)");
   CHECK_THROWS_WITH(attn::apply_rope(x, Eigen::MatrixXi::Zero(2, 2), 4),
-                    ContainsSubstring("positions must be a vector with one entry per row of x"));
+                    ContainsSubstring("positions is 2x2 but must be a vector with one entry per row of x (x is 4x12)"));
 
   for (const double base : {0.0, -10.0, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
     INFO("base " << base);
-    CHECK_THROWS_AS(attn::apply_rope(x, positions, 4, base), std::invalid_argument);
-    CHECK_THROWS_WITH(attn::apply_rope(x, positions, 4, base),
+    CHECK_THROWS_AS(attn::apply_rope(x, positions, 4, attn::Rope{base}), std::invalid_argument);
+    CHECK_THROWS_WITH(attn::apply_rope(x, positions, 4, attn::Rope{base}),
                       ContainsSubstring("attn::apply_rope: base must be finite and positive, got"));
     CHECK_THROWS_WITH(attn::apply_rope_inplace(target, 0, 4, attn::Rope{base, attn::RopeStyle::halves}),
                       ContainsSubstring("attn::apply_rope_inplace: base must be finite and positive"));

@@ -147,14 +147,14 @@ TEST_CASE("decode steps: the same bits on any thread count, and scratch sized on
     attn::AttentionOptionsf step;
     step.num_threads = threads;
     Matrix out;
-    module.forward_into(tokens.topRows(1), cache, 0, step, out, workspace);
+    module.decode_into(tokens.topRows(1), cache, 0, step, out, workspace);
     // The first step sized everything for the cache's capacity: no step after it grows the
     // scratch (which would allocate), neither the buffers nor the per-thread slots.
     const std::size_t bytes = workspace.bytes();
-    const std::size_t slots = workspace.flash.slots.size();
-    for (Index t = 1; t < tokens.rows(); ++t) module.forward_into(tokens.middleRows(t, 1), cache, 0, step, out, workspace);
+    const std::size_t slots = workspace.flash.thread_slots();
+    for (Index t = 1; t < tokens.rows(); ++t) module.decode_into(tokens.middleRows(t, 1), cache, 0, step, out, workspace);
     CHECK(workspace.bytes() == bytes);
-    CHECK(workspace.flash.slots.size() == slots);
+    CHECK(workspace.flash.thread_slots() == slots);
     outputs[threads - 1] = out;
   }
   CHECK(outputs[1] == outputs[0]);

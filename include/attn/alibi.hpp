@@ -11,7 +11,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 
 namespace attn {
@@ -31,8 +31,7 @@ template <typename Scalar>
 Eigen::Matrix<Scalar, Eigen::Dynamic, 1> alibi_slopes(Eigen::Index num_heads) {
   detail::require_floating_point<Scalar>();
   if (num_heads < 1) {
-    detail::throw_invalid_argument("attn::alibi_slopes: num_heads must be at least 1, got " +
-                                   std::to_string(num_heads));
+    detail::raise<std::invalid_argument>("attn::alibi_slopes: num_heads must be at least 1, got ", num_heads);
   }
   Eigen::Index power = 1;  // P: the largest power of two ≤ num_heads
   while (power * 2 <= num_heads) power *= 2;
@@ -94,8 +93,7 @@ AlibiScoreMod<typename Derived::Scalar> alibi_score_mod(const Eigen::MatrixBase<
                 "one); evaluate an expression into a vector first");
   const Derived& stored = slopes.derived();
   if (stored.rows() != 1 && stored.cols() != 1) {
-    detail::throw_dimension_error("attn::alibi_score_mod: slopes must be a vector, one slope per head, but slopes is " +
-                                  detail::shape_string(stored.rows(), stored.cols()));
+    detail::raise_shape("attn::alibi_score_mod", detail::operand("slopes", stored), "a vector, one slope per head");
   }
   // The step between consecutive slopes, whichever way the vector lies in its storage.
   const Eigen::Index row_step = Derived::IsRowMajor ? stored.outerStride() : stored.innerStride();

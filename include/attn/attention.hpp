@@ -15,14 +15,16 @@
 ///   stays on the stack with no allocation at all.
 /// Both give the same results to rounding (tests/test_flash.cpp).
 
+#include <limits>
 #include <string>
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 #include "flash.hpp"
 #include "mask.hpp"
+#include "mods.hpp"
 #include "options.hpp"
 #include "projection.hpp"
 #include "scores.hpp"
@@ -49,16 +51,36 @@ void check_attention(const char* operation, const Eigen::MatrixBase<DerivedQ>& q
   require_defined_scale(operation, options, q.cols());
 }
 
-/// The pipeline after its checks: scores into `weights`, masks, softmax, then P·V.
-template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Out, typename Weights>
+/// The reference path after its checks, the one every caller of the materialised weights
+/// uses: the scores scale·q·kᵀ (n_q × n_k) into `weights`, the bias, the score modifier,
+/// the masks and the mask modifier, in the tiled kernel's order, then the softmax and P·V
+/// into `out`. For one head of a multi-head problem, `head` is the index the modifiers see.
+template <typename DerivedQ, typename DerivedK, typename DerivedV, typename ScoreMod, typename MaskMod, typename Out,
+          typename Weights>
 void attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
                          const Eigen::MatrixBase<DerivedV>& v,
-                         const AttentionOptions<typename DerivedQ::Scalar>& options, Out& out, Weights& weights) {
+                         const AttentionOptions<typename DerivedQ::Scalar>& options,
+                         const Mods<ScoreMod, MaskMod>& mods, Eigen::Index head, Out&& out, Weights&& weights) {
   using Scalar = typename DerivedQ::Scalar;
   const Scalar scale = options.scale ? *options.scale : default_scale<Scalar>(q.cols());
   // weights: (n_q × n_k), first holding the scores, then overwritten by their softmax
   weights.noalias() = scale * (q * k.transpose());
-  mask_scores_unchecked(weights, options);
+  add_bias_unchecked(weights, options);
+  if constexpr (!is_identity_mod<ScoreMod>::value) {
+    for (Eigen::Index query = 0; query < weights.rows(); ++query) {
+      for (Eigen::Index key = 0; key < weights.cols(); ++key) {
+        weights(query, key) = mods.score_mod(weights(query, key), query, key, head);
+      }
+    }
+  }
+  apply_masks_unchecked(weights, options);
+  if constexpr (!is_identity_mod<MaskMod>::value) {
+    for (Eigen::Index query = 0; query < weights.rows(); ++query) {
+      for (Eigen::Index key = 0; key < weights.cols(); ++key) {
+        if (!mods.mask_mod(query, key, head)) weights(query, key) = -std::numeric_limits<Scalar>::infinity();
+      }
+    }
+  }
   softmax_rows_inplace(weights);
   // output: (n_q × d_v)
   weighted_sum_unchecked(weights, v, out);
@@ -82,7 +104,7 @@ void attention_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBas
   detail::check_attention(operation, q, k, v, options);
   detail::fit_output(operation, "out", out, q.rows(), v.cols());
   detail::fit_output(operation, "weights", weights, q.rows(), k.rows());
-  detail::attention_unchecked(q, k, v, options, out, weights);
+  detail::attention_unchecked(q, k, v, options, Mods<>{}, 0, out, weights);
 }
 
 /// Attention as a new n_q×d_v matrix: the tiled kernel for dynamic sizes, the reference
@@ -102,7 +124,7 @@ auto attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<Der
   } else {
     detail::row_major_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedK::RowsAtCompileTime> weights(q.rows(),
                                                                                                        k.rows());
-    detail::attention_unchecked(q, k, v, options, out, weights);
+    detail::attention_unchecked(q, k, v, options, Mods<>{}, 0, out, weights);
   }
   return out;
 }
@@ -119,7 +141,7 @@ auto attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<Der
   detail::fit_output(operation, "weights", weights, q.rows(), k.rows());
   detail::plain_matrix<typename DerivedQ::Scalar, DerivedQ::RowsAtCompileTime, DerivedV::ColsAtCompileTime> out(
       q.rows(), v.cols());
-  detail::attention_unchecked(q, k, v, options, out, weights);
+  detail::attention_unchecked(q, k, v, options, Mods<>{}, 0, out, weights);
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include "options.hpp"
 #include "mask.hpp"
 #include "merge.hpp"
+#include "mods.hpp"
 #include "flash.hpp"
 #include "attention.hpp"
 #include "rope.hpp"

@@ -13,7 +13,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 
 namespace attn {
@@ -22,12 +22,6 @@ namespace attn {
 enum class CacheOverflow {
   throw_error,  ///< throw `attn::capacity_error` and leave the cache as it was (the default)
   grow,         ///< reallocate to at least twice the capacity, keeping the contents
-};
-
-/// Appending more tokens than a `KVCache` with `CacheOverflow::throw_error` can hold.
-class capacity_error : public std::length_error {
- public:
-  using std::length_error::length_error;
 };
 
 /// Keys and values of the tokens seen so far, for each layer of a decoder: layer l holds
@@ -40,8 +34,6 @@ class capacity_error : public std::length_error {
 /// contiguous and appending writes one stretch of memory.
 template <typename Scalar>
 class KVCache {
-  static_assert(!Eigen::NumTraits<Scalar>::IsInteger, "attn requires a floating-point scalar (float or double)");
-
  public:
   using Storage = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using ConstRows = Eigen::Block<const Storage>;
@@ -56,12 +48,11 @@ class KVCache {
   KVCache(Eigen::Index num_layers, Eigen::Index key_width, Eigen::Index value_width, Eigen::Index capacity,
           CacheOverflow on_overflow = CacheOverflow::throw_error)
       : key_width_(key_width), value_width_(value_width), capacity_(capacity), on_overflow_(on_overflow) {
+    detail::require_floating_point<Scalar>();
     if (num_layers < 1 || key_width < 0 || value_width < 0 || capacity < 0) {
-      detail::throw_invalid_argument("attn::KVCache: need num_layers >= 1 and non-negative widths and capacity, got "
-                                     "num_layers = " + std::to_string(num_layers) +
-                                     ", key_width = " + std::to_string(key_width) +
-                                     ", value_width = " + std::to_string(value_width) +
-                                     ", capacity = " + std::to_string(capacity));
+      detail::raise<std::invalid_argument>(
+          "attn::KVCache: need num_layers >= 1 and non-negative widths and capacity, got num_layers = ", num_layers,
+          ", key_width = ", key_width, ", value_width = ", value_width, ", capacity = ", capacity);
     }
     keys_.assign(static_cast<std::size_t>(num_layers), Storage(capacity, key_width));
     values_.assign(static_cast<std::size_t>(num_layers), Storage(capacity, value_width));
@@ -97,17 +88,17 @@ class KVCache {
   /// `on_overflow()`.
   NewRows extend(Eigen::Index layer, Eigen::Index count) {
     const std::size_t l = index(layer);
-    if (count < 0) detail::throw_invalid_argument("attn::KVCache::extend: count must be >= 0, got " + std::to_string(count));
+    if (count < 0) detail::raise<std::invalid_argument>("attn::KVCache::extend: count must be >= 0, got ", count);
     const Eigen::Index first = sizes_[l];
     if (count > capacity_ - first) {
       if (on_overflow_ == CacheOverflow::throw_error) {
-        throw capacity_error("attn::KVCache: layer " + std::to_string(layer) + " holds " + std::to_string(first) +
-                             " of " + std::to_string(capacity_) + " tokens and cannot take " + std::to_string(count) +
-                             " more (reserve a larger capacity, or construct with CacheOverflow::grow)");
+        detail::raise<capacity_error>("attn::KVCache: layer ", layer, " holds ", first, " of ", capacity_,
+                                      " tokens and cannot take ", count,
+                                      " more (reserve a larger capacity, or construct with CacheOverflow::grow)");
       }
       if (count > std::numeric_limits<Eigen::Index>::max() / 2 - first) {
-        detail::throw_invalid_argument("attn::KVCache::extend: cannot grow layer " + std::to_string(layer) +
-                                       " by " + std::to_string(count) + " tokens (size overflow)");
+        detail::raise<std::invalid_argument>("attn::KVCache::extend: cannot grow layer ", layer, " by ", count,
+                                             " tokens (size overflow)");
       }
       reserve(std::max(first + count, 2 * capacity_));
     }
@@ -165,7 +156,7 @@ class KVCache {
   /// Forgets all but the first `size` tokens of `layer`; nothing if it holds `size` or fewer.
   void truncate(Eigen::Index layer, Eigen::Index size) {
     const std::size_t l = index(layer);
-    if (size < 0) detail::throw_invalid_argument("attn::KVCache::truncate: size must be >= 0, got " + std::to_string(size));
+    if (size < 0) detail::raise<std::invalid_argument>("attn::KVCache::truncate: size must be >= 0, got ", size);
     sizes_[l] = std::min(sizes_[l], size);
   }
 
@@ -177,8 +168,7 @@ class KVCache {
  private:
   std::size_t index(Eigen::Index layer) const {
     if (layer < 0 || layer >= num_layers()) {
-      throw std::out_of_range("attn::KVCache: layer " + std::to_string(layer) + " is out of range [0, " +
-                              std::to_string(num_layers()) + ")");
+      detail::raise<std::out_of_range>("attn::KVCache: layer ", layer, " is out of range [0, ", num_layers(), ")");
     }
     return static_cast<std::size_t>(layer);
   }

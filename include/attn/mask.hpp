@@ -6,10 +6,11 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 #include "options.hpp"
 
@@ -108,15 +109,22 @@ class KeyBand {
   Eigen::Index key_end_;
 };
 
-/// Adds the bias and sets every masked score to −∞, without checking the options.
+/// Adds the options' bias to an n_q×n_k score matrix, without checking the options.
 template <typename Derived, typename Scalar>
-void mask_scores_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOptions<Scalar>& options) {
+void add_bias_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOptions<Scalar>& options) {
+  // An empty matrix may have a null data pointer that not even a zero-length row may offset.
+  if (scores.size() == 0 || options.bias.empty()) return;
+  scores += options.bias.map();
+}
+
+/// Sets every score the options mask (keep-mask, causal, window, key padding) to −∞,
+/// without checking the options.
+template <typename Derived, typename Scalar>
+void apply_masks_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOptions<Scalar>& options) {
   constexpr Scalar masked = -std::numeric_limits<Scalar>::infinity();
   const Eigen::Index n_q = scores.rows();
   const Eigen::Index n_k = scores.cols();
-  // An empty matrix may have a null data pointer that not even a zero-length row may offset.
   if (n_q == 0 || n_k == 0) return;
-  if (!options.bias.empty()) scores += options.bias.map();
   if (!options.mask.empty()) {
     for (Eigen::Index key = 0; key < n_k; ++key) {
       for (Eigen::Index query = 0; query < n_q; ++query) {
@@ -124,24 +132,19 @@ void mask_scores_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOp
       }
     }
   }
-  if (options.causal || options.window || options.valid_keys) {
-    const KeyBand band(options, n_q, n_k);
-    // Walk the storage order: row ends for row-major, column ends for column-major
-    // (strided writes across a column-major matrix cost ~100× more at n = 1024).
-    if constexpr (Derived::IsRowMajor) {
-      for (Eigen::Index query = 0; query < n_q; ++query) {
-        const Eigen::Index first = band.key_first(query);
-        const Eigen::Index end = band.key_end(query);
-        scores.row(query).head(first).setConstant(masked);
-        scores.row(query).tail(n_k - end).setConstant(masked);
-      }
-    } else {
-      for (Eigen::Index key = 0; key < n_k; ++key) {
-        const Eigen::Index first = band.query_first(key);
-        const Eigen::Index end = band.query_end(key);
-        scores.col(key).head(first).setConstant(masked);
-        scores.col(key).tail(n_q - end).setConstant(masked);
-      }
+  if (!options.causal && !options.window && !options.valid_keys) return;
+  const KeyBand band(options, n_q, n_k);
+  // Walk the storage order: row ends for row-major, column ends for column-major
+  // (strided writes across a column-major matrix cost ~100× more at n = 1024).
+  if constexpr (Derived::IsRowMajor) {
+    for (Eigen::Index query = 0; query < n_q; ++query) {
+      scores.row(query).head(band.key_first(query)).setConstant(masked);
+      scores.row(query).tail(n_k - band.key_end(query)).setConstant(masked);
+    }
+  } else {
+    for (Eigen::Index key = 0; key < n_k; ++key) {
+      scores.col(key).head(band.query_first(key)).setConstant(masked);
+      scores.col(key).tail(n_q - band.query_end(key)).setConstant(masked);
     }
   }
 }
@@ -151,17 +154,17 @@ void mask_scores_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOp
 /// Applies `options`' bias and masks to an n_q×n_k score matrix in place: the bias is added
 /// and every masked score becomes −∞, ready for `softmax_rows_inplace`. The scale is not
 /// applied here (`scaled_scores` does that).
-template <typename Derived, typename Scalar>
-void mask_scores_inplace(Eigen::MatrixBase<Derived>& scores, const AttentionOptions<Scalar>& options) {
-  static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
-                "attn::mask_scores_inplace: the options must have the scores' scalar type");
-  detail::validate_options("attn::mask_scores_inplace", options, scores.rows(), scores.cols());
-  detail::mask_scores_unchecked(scores, options);
-}
-
-template <typename Derived, typename Scalar>
-void mask_scores_inplace(Eigen::MatrixBase<Derived>&& scores, const AttentionOptions<Scalar>& options) {
-  mask_scores_inplace(scores, options);
+template <typename Scores, typename Scalar>
+void mask_scores_inplace(Scores&& scores, const AttentionOptions<Scalar>& options) {
+  detail::require_writable<Scores>();
+  // Only the static_assert above speaks for a const or expression argument.
+  if constexpr (detail::is_writable_matrix_v<Scores>) {
+    static_assert(std::is_same_v<typename std::decay_t<Scores>::Scalar, Scalar>,
+                  "attn::mask_scores_inplace: the options must have the scores' scalar type");
+    detail::validate_options("attn::mask_scores_inplace", options, scores.rows(), scores.cols());
+    detail::add_bias_unchecked(scores, options);
+    detail::apply_masks_unchecked(scores, options);
+  }
 }
 
 }  // namespace attn

@@ -11,7 +11,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 
 namespace attn {
@@ -40,8 +40,8 @@ void merge_into(OutA&& out, LseA&& lse, const Eigen::MatrixBase<DerivedOutB>& ot
   detail::require_extents_match(operation, operand("out", out), Extent::rows, operand("lse", lse), Extent::rows);
   const Eigen::Index num_heads = lse.cols();
   if (num_heads == 0 ? out.cols() != 0 : out.cols() % num_heads != 0) {
-    detail::throw_dimension_error(std::string(operation) + ": out has " + std::to_string(out.cols()) +
-                                  " columns, not a multiple of lse's " + std::to_string(num_heads) + " heads");
+    detail::raise<dimension_error>(operation, ": out has ", out.cols(), " columns, not a multiple of lse's ", num_heads,
+                                   " heads");
   }
   if (num_heads == 0) return;
   const Eigen::Index d_v = out.cols() / num_heads;

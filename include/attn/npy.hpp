@@ -43,6 +43,8 @@
 
 #include <Eigen/Core>
 
+#include "error.hpp"
+
 namespace attn {
 
 /// A `.npy` file that attn cannot read or write: the message names the operation, the file
@@ -55,8 +57,9 @@ class npy_error : public std::runtime_error {
 namespace npy::detail {
 
 /// `where` is the operation and the file, e.g. `attn::npy::load: "w.npy"`.
-[[noreturn]] inline void fail(std::string_view where, const std::string& reason) {
-  throw npy_error(std::string(where) + ": " + reason);
+template <typename... Reason>
+[[noreturn]] void fail(std::string_view where, const Reason&... reason) {
+  attn::detail::raise<npy_error>(where, ": ", reason...);
 }
 
 /// Bytes from a file in an error message: quoted, shortened, non-printable bytes escaped,
@@ -94,8 +97,8 @@ struct Header {
 };
 
 inline std::string shape_string(const Header& header) {
-  if (header.ndim == 1) return "(" + std::to_string(header.rows) + ",)";
-  return "(" + std::to_string(header.rows) + ", " + std::to_string(header.cols) + ")";
+  if (header.ndim == 1) return attn::detail::message("(", header.rows, ",)");
+  return attn::detail::message("(", header.rows, ", ", header.cols, ")");
 }
 
 /// The parser for the header dict, e.g. `{'descr': '<f8', 'fortran_order': False,
@@ -112,7 +115,7 @@ class HeaderParser {
   Header parse() {
     skip_whitespace();
     if (position_ == text_.size()) fail("the header is empty");
-    if (!consume('{')) fail("the header is not a Python dict literal: it starts with " + rest());
+    if (!consume('{')) fail("the header is not a Python dict literal: it starts with ", rest());
     bool have_descr = false, have_fortran_order = false, have_shape = false;
     Header header;
     std::size_t shape_count = 0;
@@ -122,7 +125,7 @@ class HeaderParser {
       const std::size_t key_start = position_;
       const std::string_view key = parse_string("a key");
       skip_whitespace();
-      if (!consume(':')) fail("expected ':' after the key " + quote(key) + ", found " + rest());
+      if (!consume(':')) fail("expected ':' after the key ", quote(key), ", found ", rest());
       skip_whitespace();
       if (key == "descr") {
         mark_seen(have_descr, key, key_start);
@@ -135,7 +138,7 @@ class HeaderParser {
         shape_count = parse_shape(shape_dims);
       } else {
         position_ = key_start;
-        fail("unexpected key " + quote(key) + " in the header (a .npy header has exactly 'descr', "
+        fail("unexpected key ", quote(key), " in the header (a .npy header has exactly 'descr', "
              "'fortran_order' and 'shape')");
       }
       skip_whitespace();
@@ -143,11 +146,11 @@ class HeaderParser {
       if (consume(',')) {
         skip_whitespace();
       } else if (peek() != '}') {
-        fail("expected ',' or '}' after the value of " + quote(key) + ", found " + rest());
+        fail("expected ',' or '}' after the value of ", quote(key), ", found ", rest());
       }
     }
     skip_whitespace();
-    if (position_ != text_.size()) fail("unexpected text after the header dict: " + rest());
+    if (position_ != text_.size()) fail("unexpected text after the header dict: ", rest());
 
     if (!have_descr) fail("the header has no 'descr' key");
     if (!have_fortran_order) fail("the header has no 'fortran_order' key");
@@ -157,8 +160,9 @@ class HeaderParser {
   }
 
  private:
-  [[noreturn]] void fail(const std::string& reason) const {
-    detail::fail(where_, "malformed header at byte " + std::to_string(position_) + ": " + reason);
+  template <typename... Reason>
+  [[noreturn]] void fail(const Reason&... reason) const {
+    detail::fail(where_, "malformed header at byte ", position_, ": ", reason...);
   }
 
   /// What is left, for "found ..." in messages.
@@ -190,7 +194,7 @@ class HeaderParser {
   void mark_seen(bool& seen, std::string_view key, std::size_t key_start) {
     if (seen) {
       position_ = key_start;
-      fail("the key " + quote(key) + " appears twice");
+      fail("the key ", quote(key), " appears twice");
     }
     seen = true;
   }
@@ -198,7 +202,7 @@ class HeaderParser {
   /// 'text' or "text", without escapes.
   std::string_view parse_string(const char* what) {
     const char quote_char = peek();
-    if (quote_char != '\'' && quote_char != '"') fail(std::string("expected ") + what + " in quotes, found " + rest());
+    if (quote_char != '\'' && quote_char != '"') fail("expected ", what, " in quotes, found ", rest());
     const std::size_t start = ++position_;
     while (position_ < text_.size() && text_[position_] != quote_char) {
       const char c = text_[position_];
@@ -223,8 +227,8 @@ class HeaderParser {
     if (value == "<f8") return Dtype::f8;
     position_ = start;  // report the error where the value starts
     const bool big_endian = !value.empty() && value[0] == '>';
-    fail("unsupported dtype " + quote(value) + ": attn reads little-endian float32 ('<f4') and float64 ('<f8')" +
-         (big_endian ? "; convert big-endian data with arr.astype('<f8')" : ""));
+    fail("unsupported dtype ", quote(value), ": attn reads little-endian float32 ('<f4') and float64 ('<f8')",
+         big_endian ? "; convert big-endian data with arr.astype('<f8')" : "");
   }
 
   static bool is_identifier_char(char c) noexcept {
@@ -238,14 +242,14 @@ class HeaderParser {
     if (word == "True") return true;
     if (word == "False") return false;
     position_ = start;
-    fail(quote(key) + " must be True or False, found " + rest());
+    fail(quote(key), " must be True or False, found ", rest());
   }
 
   /// A tuple of non-negative integers: `()`, `(n,)`, `(r, c)`, `(r, c,)`, … Returns the
   /// number of dimensions and keeps the digits of the first two; `(n)` is an integer in
   /// Python, not a tuple, and is refused as NumPy refuses it.
   std::size_t parse_shape(std::string_view (&dims)[2]) {
-    if (!consume('(')) fail("'shape' must be a tuple of integers such as (2, 3), found " + rest());
+    if (!consume('(')) fail("'shape' must be a tuple of integers such as (2, 3), found ", rest());
     std::size_t count = 0;
     bool trailing_comma = false;
     skip_whitespace();
@@ -256,7 +260,7 @@ class HeaderParser {
       skip_whitespace();
       trailing_comma = consume(',');
       skip_whitespace();
-      if (!trailing_comma && peek() != ')') fail("expected ',' or ')' in 'shape', found " + rest());
+      if (!trailing_comma && peek() != ')') fail("expected ',' or ')' in 'shape', found ", rest());
     }
     if (count == 1 && !trailing_comma) fail("'shape' is an integer in parentheses, not a tuple (write (n,))");
     return count;
@@ -273,18 +277,18 @@ class HeaderParser {
     const std::string_view digits = text_.substr(digits_start, position_ - digits_start);
     if (negative && !digits.empty()) {
       position_ = start;
-      fail("'shape' has a negative dimension " + quote(text_.substr(start, digits.size() + 1)));
+      fail("'shape' has a negative dimension ", quote(text_.substr(start, digits.size() + 1)));
     }
     if (negative || digits.empty()) {
       position_ = start;
-      fail("'shape' must hold non-negative integers, found " + rest());
+      fail("'shape' must hold non-negative integers, found ", rest());
     }
     // Python 3 has no integer literal with a leading zero other than 0 itself (00 is 0),
     // so NumPy refuses one; Python 2 read 010 as octal 8, and taking it as 10 would be a
     // third reading.
     if (digits[0] == '0' && digits.find_first_not_of('0') != std::string_view::npos) {
       position_ = digits_start;
-      fail("'shape' has a dimension with a leading zero " + quote(digits) + " (Python 3 and NumPy read no such integer)");
+      fail("'shape' has a dimension with a leading zero ", quote(digits), " (Python 3 and NumPy read no such integer)");
     }
     // Python 2 wrote long integers as 2L, and NumPy under Python 2 wrote such shapes. NumPy
     // drops the L (a token of its own, so spaces may come before it) from the versions that
@@ -317,7 +321,7 @@ class HeaderParser {
   void set_shape(Header& header, std::size_t count, const std::string_view (&dims)[2]) const {
     if (count == 0) detail::fail(where_, "0-D arrays (shape ()) are not supported: attn reads 1-D and 2-D arrays");
     if (count > 2) {
-      detail::fail(where_, std::to_string(count) + "-D arrays are not supported: attn reads 1-D and 2-D arrays");
+      detail::fail(where_, count, "-D arrays are not supported: attn reads 1-D and 2-D arrays");
     }
     header.ndim = static_cast<int>(count);
     // Element counts and byte sizes must fit both std::size_t and Eigen::Index.
@@ -328,13 +332,13 @@ class HeaderParser {
     std::uint64_t extents[2] = {0, 1};  // a 1-D (n,) is n x 1
     for (std::size_t i = 0; i < count; ++i) {
       if (!parse_at_most(dims[i], max_elements, extents[i])) {
-        detail::fail(where_, "'shape' has a dimension too large for memory: " + quote(dims[i]));
+        detail::fail(where_, "'shape' has a dimension too large for memory: ", quote(dims[i]));
       }
     }
     header.rows = static_cast<Eigen::Index>(extents[0]);
     header.cols = static_cast<Eigen::Index>(extents[1]);
     if (extents[1] != 0 && extents[0] > max_elements / extents[1]) {
-      detail::fail(where_, "'shape' " + shape_string(header) + " has more elements than fit in memory");
+      detail::fail(where_, "'shape' ", shape_string(header), " has more elements than fit in memory");
     }
     header.data_bytes = static_cast<std::size_t>(extents[0] * extents[1] * item_size(header.dtype));
   }
@@ -364,8 +368,7 @@ struct Prefix {
 };
 
 [[noreturn]] inline void fail_truncated_prefix(std::size_t file_size, std::size_t needed, std::string_view where) {
-  fail(where, "truncated: the file has " + std::to_string(file_size) + " bytes, but the .npy prefix needs " +
-                  std::to_string(needed));
+  fail(where, "truncated: the file has ", file_size, " bytes, but the .npy prefix needs ", needed);
 }
 
 /// Reads the magic string, the version and the header length from `first_bytes`, the
@@ -373,8 +376,8 @@ struct Prefix {
 inline Prefix parse_prefix(std::string_view first_bytes, std::size_t file_size, std::string_view where) {
   const std::size_t compared = std::min(first_bytes.size(), magic.size());
   if (first_bytes.substr(0, compared) != magic.substr(0, compared)) {
-    fail(where, "not a .npy file: it does not start with \"\\x93NUMPY\" (it starts with " +
-                    quote(first_bytes.substr(0, 8)) + ")");
+    fail(where, "not a .npy file: it does not start with \"\\x93NUMPY\" (it starts with ",
+         quote(first_bytes.substr(0, 8)), ")");
   }
   if (first_bytes.size() < magic.size() + 2) fail_truncated_prefix(file_size, magic.size() + 2, where);
   Prefix prefix;
@@ -386,8 +389,7 @@ inline Prefix parse_prefix(std::string_view first_bytes, std::size_t file_size, 
   } else if ((prefix.major == 2 || prefix.major == 3) && prefix.minor == 0) {
     length_bytes = 4;  // 3.0 differs from 2.0 only in allowing UTF-8 in the header
   } else {
-    fail(where, "unsupported .npy format version " + std::to_string(prefix.major) + "." +
-                    std::to_string(prefix.minor) + " (attn reads 1.0, 2.0 and 3.0)");
+    fail(where, "unsupported .npy format version ", prefix.major, ".", prefix.minor, " (attn reads 1.0, 2.0 and 3.0)");
   }
   prefix.header_offset = magic.size() + 2 + length_bytes;
   if (first_bytes.size() < prefix.header_offset) fail_truncated_prefix(file_size, prefix.header_offset, where);
@@ -396,8 +398,8 @@ inline Prefix parse_prefix(std::string_view first_bytes, std::size_t file_size, 
     prefix.header_length = (prefix.header_length << 8) | static_cast<unsigned char>(first_bytes[8 + i]);
   }
   if (prefix.header_length > file_size - prefix.header_offset) {
-    fail(where, "the header length " + std::to_string(prefix.header_length) + " runs past the end of the file (" +
-                    std::to_string(file_size - prefix.header_offset) + " bytes after the prefix)");
+    fail(where, "the header length ", prefix.header_length, " runs past the end of the file (",
+         file_size - prefix.header_offset, " bytes after the prefix)");
   }
   return prefix;
 }
@@ -406,9 +408,9 @@ inline Prefix parse_prefix(std::string_view first_bytes, std::size_t file_size, 
 /// header that does not describe the data.
 inline void require_data_length(const Header& header, std::size_t available, std::string_view where) {
   if (available != header.data_bytes) {
-    fail(where, std::string(available < header.data_bytes ? "truncated data" : "data length does not match the shape") +
-                    ": shape " + shape_string(header) + " of " + descr(header.dtype) + " needs " +
-                    std::to_string(header.data_bytes) + " bytes, the file has " + std::to_string(available));
+    fail(where, available < header.data_bytes ? "truncated data" : "data length does not match the shape", ": shape ",
+         shape_string(header), " of ", descr(header.dtype), " needs ", header.data_bytes, " bytes, the file has ",
+         available);
   }
 }
 
@@ -462,10 +464,10 @@ void require_float_range(const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dyna
     if (!(std::abs(values[i]) >= overflows_at) || std::isinf(values[i])) continue;
     const Eigen::Index row = Order == Eigen::RowMajor ? i / data.cols() : i % data.rows();
     const Eigen::Index col = Order == Eigen::RowMajor ? i % data.cols() : i / data.rows();
-    const std::string index = header.ndim == 1 ? "[" + std::to_string(row) + "]"
-                                               : "[" + std::to_string(row) + ", " + std::to_string(col) + "]";
-    fail(where, "the float64 value " + shortest_decimal(values[i]) + " at " + index +
-                    " is too large for float (it would load as inf): load the file as double");
+    const std::string index = header.ndim == 1 ? attn::detail::message("[", row, "]")
+                                               : attn::detail::message("[", row, ", ", col, "]");
+    fail(where, "the float64 value ", shortest_decimal(values[i]), " at ", index,
+         " is too large for float (it would load as inf): load the file as double");
   }
 }
 
@@ -581,13 +583,13 @@ template <typename Derived>
 void write_in_place(const std::filesystem::path& path, const Eigen::MatrixBase<Derived>& matrix, std::string_view where) {
   errno = 0;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) fail(where, "cannot open for writing" + system_reason());
+  if (!out) fail(where, "cannot open for writing", system_reason());
   write_npy(matrix, [&](const void* bytes, std::size_t count) {
     out.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(count));
   });
   out.close();
   // Checked once at the end: a failed write sets the stream's state, which stays set.
-  if (!out) fail(where, "write failed" + system_reason());
+  if (!out) fail(where, "write failed", system_reason());
 }
 
 /// Creates `path` for writing, failing if anything of that name exists (C11's "x" mode,
@@ -624,8 +626,8 @@ class TemporaryFile {
       if (file_ != nullptr || errno != EEXIST) break;
     }
     if (file_ == nullptr) {
-      fail(where_, "cannot open for writing: cannot create the temporary file \"" + path_.string() + "\"" +
-                       system_reason());
+      fail(where_, "cannot open for writing: cannot create the temporary file \"", path_.string(), "\"",
+           system_reason());
     }
   }
 
@@ -644,21 +646,21 @@ class TemporaryFile {
 
   void write(const void* bytes, std::size_t count) {
     errno = 0;
-    if (std::fwrite(bytes, 1, count, file_) != count) fail(where_, "write failed" + system_reason());
+    if (std::fwrite(bytes, 1, count, file_) != count) fail(where_, "write failed", system_reason());
   }
 
   /// Flushes and closes the file, then renames it over `target`: each step can be the one
   /// that finds the disk full, so each is checked before the old file is given up.
   void replace(const std::filesystem::path& target) {
     errno = 0;
-    if (std::fflush(file_) != 0) fail(where_, "write failed" + system_reason());
+    if (std::fflush(file_) != 0) fail(where_, "write failed", system_reason());
     std::FILE* const file = file_;
     file_ = nullptr;  // closed even if fclose fails
     errno = 0;
-    if (std::fclose(file) != 0) fail(where_, "write failed" + system_reason());
+    if (std::fclose(file) != 0) fail(where_, "write failed", system_reason());
     std::error_code error;
     std::filesystem::rename(path_, target, error);
-    if (error) fail(where_, "cannot replace the file with the temporary \"" + path_.string() + "\": " + error.message());
+    if (error) fail(where_, "cannot replace the file with the temporary \"", path_.string(), "\": ", error.message());
     replaced_ = true;
   }
 
@@ -687,11 +689,11 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem
   std::error_code error;
   const std::filesystem::file_status status = std::filesystem::status(path, error);
   if (status.type() == std::filesystem::file_type::not_found) detail::fail(where, "cannot open: no such file");
-  if (error) detail::fail(where, "cannot open: " + error.message());
+  if (error) detail::fail(where, "cannot open: ", error.message());
   if (std::filesystem::is_directory(status)) detail::fail(where, "cannot open: it is a directory");
   if (!std::filesystem::is_regular_file(status)) detail::fail(where, "cannot open: it is not a regular file");
   const std::uintmax_t size = std::filesystem::file_size(path, error);
-  if (error) detail::fail(where, "cannot open: " + error.message());
+  if (error) detail::fail(where, "cannot open: ", error.message());
   if constexpr (sizeof(std::uintmax_t) > sizeof(std::size_t)) {
     if (size > std::numeric_limits<std::size_t>::max()) detail::fail(where, "the file is too large for this platform");
   }
@@ -699,7 +701,7 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem
 
   errno = 0;
   std::ifstream in(path, std::ios::binary);
-  if (!in) detail::fail(where, "cannot open for reading" + detail::system_reason());
+  if (!in) detail::fail(where, "cannot open for reading", detail::system_reason());
   const auto read = [&](void* destination, std::size_t count) {
     in.read(static_cast<char*>(destination), static_cast<std::streamsize>(count));
     if (in.gcount() != static_cast<std::streamsize>(count)) {
@@ -743,7 +745,7 @@ void save(const std::filesystem::path& path, const Eigen::MatrixBase<Derived>& m
   fs::path target = path;
   if (fs::is_symlink(fs::symlink_status(path, error))) {
     target = fs::weakly_canonical(path, error);
-    if (error) detail::fail(where, "cannot open for writing: cannot resolve the symbolic link: " + error.message());
+    if (error) detail::fail(where, "cannot open for writing: cannot resolve the symbolic link: ", error.message());
   }
   const fs::file_status status = fs::status(target, error);
   const bool exists = fs::exists(status);

@@ -63,11 +63,25 @@ using AttentionOptionsd = AttentionOptions<double>;
 
 namespace detail {
 
+/// Checks the options that hold whatever the sizes: the scale, the window's sides, the
+/// thread count.
+template <typename Scalar>
+void validate_sizeless_options(const char* operation, const AttentionOptions<Scalar>& options) {
+  if (options.scale) require_valid_scale(operation, *options.scale);
+  if (options.window && (options.window->left < -1 || options.window->right < -1)) {
+    raise<std::invalid_argument>(operation, ": window sides must be -1 (unbounded) or at least 0, got left = ",
+                                 options.window->left, ", right = ", options.window->right);
+  }
+  if (options.num_threads < 0) {
+    raise<std::invalid_argument>(operation, ": num_threads must be 0 (all) or positive, got ", options.num_threads);
+  }
+}
+
 /// Checks every option against an n_q×n_k score matrix: O(1), whatever the sizes.
 template <typename Scalar>
 void validate_options(const char* operation, const AttentionOptions<Scalar>& options, Eigen::Index n_q,
                       Eigen::Index n_k) {
-  if (options.scale) require_valid_scale(operation, *options.scale);
+  validate_sizeless_options(operation, options);
   if (!options.mask.empty()) {
     require_shape(operation, Operand{"mask", options.mask.rows(), options.mask.cols()}, n_q, n_k, "n_q x n_k");
   }
@@ -75,20 +89,8 @@ void validate_options(const char* operation, const AttentionOptions<Scalar>& opt
     require_shape(operation, Operand{"bias", options.bias.rows(), options.bias.cols()}, n_q, n_k, "n_q x n_k");
   }
   if (options.valid_keys && (*options.valid_keys < 0 || *options.valid_keys > n_k)) {
-    std::ostringstream message;
-    message << operation << ": valid_keys must be between 0 and n_k = " << n_k << ", got " << *options.valid_keys;
-    throw_invalid_argument(message.str());
-  }
-  if (options.window && (options.window->left < -1 || options.window->right < -1)) {
-    std::ostringstream message;
-    message << operation << ": window sides must be -1 (unbounded) or at least 0, got left = "
-            << options.window->left << ", right = " << options.window->right;
-    throw_invalid_argument(message.str());
-  }
-  if (options.num_threads < 0) {
-    std::ostringstream message;
-    message << operation << ": num_threads must be 0 (all) or positive, got " << options.num_threads;
-    throw_invalid_argument(message.str());
+    raise<std::invalid_argument>(operation, ": valid_keys must be between 0 and n_k = ", n_k, ", got ",
+                                 *options.valid_keys);
   }
 }
 
@@ -96,8 +98,8 @@ void validate_options(const char* operation, const AttentionOptions<Scalar>& opt
 template <typename Scalar>
 void require_defined_scale(const char* operation, const AttentionOptions<Scalar>& options, Eigen::Index d_k) {
   if (!options.scale && d_k == 0) {
-    throw_invalid_argument(std::string(operation) +
-                           ": d_k is 0, so the default scale 1/sqrt(d_k) is undefined; set options.scale");
+    raise<std::invalid_argument>(operation,
+                                 ": d_k is 0, so the default scale 1/sqrt(d_k) is undefined; set options.scale");
   }
 }
 

@@ -9,7 +9,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 
 namespace attn {
@@ -33,15 +33,11 @@ void check_bias(const char* operation, const char* weight_name, const Eigen::Mat
   static_assert(DerivedB::RowsAtCompileTime == 1 || DerivedB::ColsAtCompileTime == 1 ||
                     DerivedB::RowsAtCompileTime == Eigen::Dynamic || DerivedB::ColsAtCompileTime == Eigen::Dynamic,
                 "attn::project: a bias must be a vector with one entry per output column");
-  if (bias.rows() != 1 && bias.cols() != 1) {
-    throw_dimension_error(std::string(operation) + ": " + bias_name + " must be a vector but is " +
-                          shape_string(bias.rows(), bias.cols()));
-  }
+  if (bias.rows() != 1 && bias.cols() != 1) raise_shape(operation, operand(bias_name, bias), "a vector");
   if (bias.size() != w.cols()) {
-    throw_dimension_error(std::string(operation) + ": " + bias_name + " has " + std::to_string(bias.size()) +
-                          " entries but " + weight_name + " has " + std::to_string(w.cols()) + " columns (" +
-                          bias_name + " is " + shape_string(bias.rows(), bias.cols()) + ", " + weight_name +
-                          " is " + shape_string(w.rows(), w.cols()) + ")");
+    raise<dimension_error>(operation, ": ", bias_name, " has ", bias.size(), " entries but ", weight_name, " has ",
+                           w.cols(), " columns (", bias_name, " is ", Shape{bias.rows(), bias.cols()}, ", ",
+                           weight_name, " is ", Shape{w.rows(), w.cols()}, ")");
   }
 }
 

@@ -15,7 +15,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 
 namespace attn {
@@ -46,17 +46,14 @@ inline constexpr Eigen::Index rope_pair_chunk = 64;
 
 inline void check_rope_parameters(const char* operation, Eigen::Index cols, Eigen::Index head_dim, const Rope& rope) {
   if (head_dim <= 0 || head_dim % 2 != 0) {
-    throw_invalid_argument(std::string(operation) + ": head_dim must be positive and even (features rotate in pairs), got " +
-                           std::to_string(head_dim));
+    raise<std::invalid_argument>(operation, ": head_dim must be positive and even (features rotate in pairs), got ",
+                                 head_dim);
   }
   if (cols % head_dim != 0) {
-    throw_dimension_error(std::string(operation) + ": x has " + std::to_string(cols) +
-                          " columns, not a multiple of head_dim = " + std::to_string(head_dim));
+    raise<dimension_error>(operation, ": x has ", cols, " columns, not a multiple of head_dim = ", head_dim);
   }
   if (!(std::isfinite(rope.base) && rope.base > 0.0)) {
-    std::ostringstream message;
-    message << operation << ": base must be finite and positive, got " << rope.base;
-    throw_invalid_argument(message.str());
+    raise<std::invalid_argument>(operation, ": base must be finite and positive, got ", rope.base);
   }
 }
 
@@ -76,9 +73,7 @@ void check_rope_positions(const char* operation, const Operand& x, const Eigen::
   } else if (given.rows == 1) {
     require_extents_match(operation, given, Extent::columns, x, Extent::rows);
   } else {
-    throw_dimension_error(std::string(operation) + ": positions must be a vector with one entry per row of x, but "
-                          "positions is " + shape_string(given.rows, given.cols) + " and x is " +
-                          shape_string(x.rows, x.cols));
+    raise_shape(operation, given, "a vector with one entry per row of x (x is ", x.shape(), ")");
   }
 }
 
@@ -201,22 +196,12 @@ void apply_rope_inplace(X&& x, Eigen::Index first_position, Eigen::Index head_di
   }
 }
 
-/// `x` with RoPE applied, as a new matrix: `attn::apply_rope(q, positions, head_dim, base)`.
-/// The value-returning form of `apply_rope_inplace`, with the same rules and errors.
+/// `x` with RoPE applied, as a new matrix: the value-returning form of `apply_rope_inplace`,
+/// with the same rules and errors.
 template <typename Derived, typename DerivedPositions>
 typename Derived::PlainObject apply_rope(const Eigen::MatrixBase<Derived>& x,
                                          const Eigen::MatrixBase<DerivedPositions>& positions, Eigen::Index head_dim,
-                                         double base = 10000.0, RopeStyle style = RopeStyle::halves) {
-  typename Derived::PlainObject rotated = x;
-  detail::apply_rope_checked("attn::apply_rope", rotated, positions, head_dim, Rope{base, style});
-  return rotated;
-}
-
-/// `x` with RoPE applied, as a new matrix, with the parameters as a `Rope`.
-template <typename Derived, typename DerivedPositions>
-typename Derived::PlainObject apply_rope(const Eigen::MatrixBase<Derived>& x,
-                                         const Eigen::MatrixBase<DerivedPositions>& positions, Eigen::Index head_dim,
-                                         Rope rope) {
+                                         Rope rope = {}) {
   typename Derived::PlainObject rotated = x;
   detail::apply_rope_checked("attn::apply_rope", rotated, positions, head_dim, rope);
   return rotated;
@@ -229,13 +214,6 @@ typename Derived::PlainObject apply_rope(const Eigen::MatrixBase<Derived>& x, Ei
   typename Derived::PlainObject rotated = x;
   detail::apply_rope_checked("attn::apply_rope", rotated, first_position, head_dim, rope);
   return rotated;
-}
-
-/// As above, with base and style spelled out like the positions form takes them.
-template <typename Derived>
-typename Derived::PlainObject apply_rope(const Eigen::MatrixBase<Derived>& x, Eigen::Index first_position,
-                                         Eigen::Index head_dim, double base, RopeStyle style = RopeStyle::halves) {
-  return apply_rope(x, first_position, head_dim, Rope{base, style});
 }
 
 }  // namespace attn

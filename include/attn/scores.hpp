@@ -8,7 +8,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 
 namespace attn {
@@ -19,9 +19,7 @@ template <typename Scalar>
 Scalar default_scale(Eigen::Index d_k) {
   detail::require_floating_point<Scalar>();
   if (d_k <= 0) {
-    std::ostringstream message;
-    message << "attn::default_scale: d_k must be positive, got " << d_k;
-    detail::throw_invalid_argument(message.str());
+    detail::raise<std::invalid_argument>("attn::default_scale: d_k must be positive, got ", d_k);
   }
   return static_cast<Scalar>(1.0 / std::sqrt(static_cast<double>(d_k)));
 }

@@ -15,7 +15,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 
 namespace attn {
 
@@ -96,26 +96,26 @@ void softmax_row(Row&& row) {
 
 /// Replaces each row of `scores` by its softmax, in place and without allocating. Entries
 /// of −∞ (masked keys) get weight 0; an all −∞ row becomes all zeros. Accepts any
-/// writable matrix, Map or block, in either storage order.
-template <typename Derived>
-void softmax_rows_inplace(Eigen::MatrixBase<Derived>& scores) {
-  detail::require_floating_point<typename Derived::Scalar>();
-  const Eigen::Index n_rows = scores.rows();
-  if (scores.cols() == 0) return;
-  if constexpr (Derived::IsRowMajor) {
-    for (Eigen::Index row = 0; row < n_rows; ++row) detail::softmax_row(scores.row(row));
-  } else {
-    for (Eigen::Index first = 0; first < n_rows; first += detail::softmax_row_chunk) {
-      const Eigen::Index count = std::min(detail::softmax_row_chunk, n_rows - first);
-      detail::softmax_rows_chunk(scores.middleRows(first, count));
+/// writable matrix, Map or block, in either storage order, a temporary view such as
+/// `scores.topRows(2)` included.
+template <typename Scores>
+void softmax_rows_inplace(Scores&& scores) {
+  detail::require_writable<Scores>();
+  // Only the static_assert above speaks for a const or expression argument.
+  if constexpr (detail::is_writable_matrix_v<Scores>) {
+    using Derived = std::decay_t<Scores>;
+    detail::require_floating_point<typename Derived::Scalar>();
+    const Eigen::Index n_rows = scores.rows();
+    if (scores.cols() == 0) return;
+    if constexpr (Derived::IsRowMajor) {
+      for (Eigen::Index row = 0; row < n_rows; ++row) detail::softmax_row(scores.row(row));
+    } else {
+      for (Eigen::Index first = 0; first < n_rows; first += detail::softmax_row_chunk) {
+        const Eigen::Index count = std::min(detail::softmax_row_chunk, n_rows - first);
+        detail::softmax_rows_chunk(scores.middleRows(first, count));
+      }
     }
   }
-}
-
-/// Overload for temporary views, e.g. `softmax_rows_inplace(scores.topRows(2))`.
-template <typename Derived>
-void softmax_rows_inplace(Eigen::MatrixBase<Derived>&& scores) {
-  softmax_rows_inplace(scores);
 }
 
 /// The row-wise softmax of `scores` as a new matrix of the same shape.

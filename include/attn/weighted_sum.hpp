@@ -5,7 +5,7 @@
 
 #include <Eigen/Core>
 
-#include "detail/eigen_types.hpp"
+#include "detail/operands.hpp"
 #include "error.hpp"
 
 namespace attn {

@@ -1,8 +1,10 @@
 #pragma once
 /// @file
-/// Compile-time plumbing shared by the kernels: which scalars attn accepts, the plain
-/// matrix types results are returned in, and how caller-owned outputs are checked and sized.
+/// How attn takes its operands: which scalars it accepts, the plain matrix types results are
+/// returned in, the compile-time checks on operands and outputs, and how caller-owned outputs
+/// and attn's own scratch are sized.
 
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 
@@ -77,9 +79,14 @@ void fit_output(const char* operation, const char* name, Out& out, Eigen::Index 
   require_shape(operation, operand(name, out), rows, cols, "the result's shape");
 }
 
-}  // namespace attn::detail
-
-namespace attn::detail {
+/// Grows scratch that attn owns to at least rows×cols; never shrinks, so a loop that reuses
+/// it allocates on its first call only.
+template <typename Matrix>
+void grow_to(Matrix& matrix, Eigen::Index rows, Eigen::Index cols) {
+  if (matrix.rows() < rows || matrix.cols() < cols) {
+    matrix.resize(std::max(rows, matrix.rows()), std::max(cols, matrix.cols()));
+  }
+}
 
 /// Eigen refuses to mix scalars too, but with a page of template errors; say it in a line.
 template <typename First, typename... Rest>

@@ -1,0 +1,193 @@
+#pragma once
+/// @file
+/// The tiled kernel's pieces, each a function of one step: the scaled queries of a block,
+/// a score tile (the tile product), the masks of a tile's row, the online-softmax update,
+/// the value accumulation, and the normalisation at the end. `attend_query_block` runs them
+/// over a work item's keys. A different tile product (a hand-written micro-kernel, a
+/// reduced-precision tile) replaces `score_tile` or `accumulate_values` and nothing else.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "../detail/operands.hpp"
+#include "../mask.hpp"
+#include "../mods.hpp"
+#include "../options.hpp"
+#include "../softmax.hpp"
+#include "plan.hpp"
+#include "workspace.hpp"
+
+namespace attn::detail {
+
+/// Everything one call's tile passes read.
+template <typename Scalar, typename DerivedQ, typename DerivedK, typename DerivedV, typename ScoreMod,
+          typename MaskMod>
+struct FlashProblem {
+  const Eigen::MatrixBase<DerivedQ>& q;
+  const Eigen::MatrixBase<DerivedK>& k;
+  const Eigen::MatrixBase<DerivedV>& v;
+  const AttentionOptions<Scalar>& options;
+  const ScoreMod& score_mod;
+  const MaskMod& mask_mod;
+  const TilePlan& plan;
+  KeyBand band;
+  Scalar scale;
+  Eigen::Index heads_per_kv_head;
+};
+
+/// queries: (rows × d_k), the block's queries times the scale, once per block rather than
+/// once per score. A copy, because a scaled view would make Eigen evaluate a temporary (an
+/// allocation) when a single query row turns the tile product into a matrix-vector
+/// product; column-major like Eigen's default, so that copying from a column-major q is a
+/// vectorised copy.
+template <typename Problem, typename Scalar>
+auto load_queries(const Problem& problem, TileSlot<Scalar>& slot, const QueryBlock& block) {
+  const Eigen::Index d_k = problem.plan.d_k;
+  auto queries = slot.queries.topLeftCorner(block.rows(), d_k);
+  for (Eigen::Index h = 0; h < block.heads; ++h) {
+    queries.middleRows(h * block.queries, block.queries).noalias() =
+        problem.scale * problem.q.block(block.first_query, (block.first_head + h) * d_k, block.queries, d_k);
+  }
+  return queries;
+}
+
+/// Empties the block's running state: no keys seen, nothing accumulated.
+template <typename Scalar>
+void start_rows(TileSlot<Scalar>& slot, Eigen::Index rows, Eigen::Index d_v) {
+  slot.accumulator.topLeftCorner(rows, d_v).setZero();
+  slot.row_max.head(rows).setConstant(-std::numeric_limits<Scalar>::infinity());
+  slot.row_sum.head(rows).setZero();
+}
+
+/// scores: (rows × cols) = queries · keys [first_key, first_key + cols) of `kv_head`ᵀ, in
+/// the slot's score tile.
+template <typename Problem, typename Scalar, typename Queries>
+auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& queries, Eigen::Index kv_head,
+                Eigen::Index first_key, Eigen::Index cols) {
+  const Eigen::Index d_k = problem.plan.d_k;
+  Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
+      slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(problem.plan.score_stride));
+  scores.noalias() = queries * problem.k.block(first_key, kv_head * d_k, cols, d_k).transpose();
+  return scores;
+}
+
+/// Turns one row of a score tile (keys [first_key, first_key + cols) of `query` in
+/// `head`) into the scores the softmax sees: the bias, the score modifier, then every mask
+/// as −∞. `inside_band` says the positional rules keep the whole tile.
+template <typename Problem, typename Row>
+EIGEN_ALWAYS_INLINE void mask_score_row(const Problem& problem, Row&& score_row, Eigen::Index query, Eigen::Index head,
+                    Eigen::Index first_key, bool inside_band) {
+  using Scalar = typename std::decay_t<Row>::Scalar;
+  using ScoreMod = std::decay_t<decltype(problem.score_mod)>;
+  using MaskMod = std::decay_t<decltype(problem.mask_mod)>;
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  const Eigen::Index cols = score_row.size();
+  const AttentionOptions<Scalar>& options = problem.options;
+  if (!options.bias.empty()) score_row += options.bias.map().block(query, first_key, 1, cols);
+  if constexpr (!is_identity_mod<ScoreMod>::value) {
+    for (Eigen::Index c = 0; c < cols; ++c) score_row(c) = problem.score_mod(score_row(c), query, first_key + c, head);
+  }
+  if (!inside_band) {
+    const Eigen::Index keep_from = std::clamp<Eigen::Index>(problem.band.key_first(query) - first_key, 0, cols);
+    const Eigen::Index keep_to = std::clamp<Eigen::Index>(problem.band.key_end(query) - first_key, keep_from, cols);
+    score_row.head(keep_from).setConstant(minus_infinity);
+    score_row.tail(cols - keep_to).setConstant(minus_infinity);
+  }
+  if (!options.mask.empty()) {
+    for (Eigen::Index c = 0; c < cols; ++c) {
+      if (!options.mask(query, first_key + c)) score_row(c) = minus_infinity;
+    }
+  }
+  if constexpr (!is_identity_mod<MaskMod>::value) {
+    for (Eigen::Index c = 0; c < cols; ++c) {
+      if (!problem.mask_mod(query, first_key + c, head)) score_row(c) = minus_infinity;
+    }
+  }
+}
+
+/// The online softmax for one row and one tile: exponentiates the row's scores against the
+/// running maximum (rescaling the sum and the accumulated output when the maximum grows),
+/// leaving the tile's unnormalised weights in `score_row`. Forced inline: it runs once per
+/// row per tile, and a call there cost 2% of the kernel's own instructions (callgrind).
+template <typename Row, typename Scalar, typename AccumulatorRow>
+EIGEN_ALWAYS_INLINE void online_softmax_row(Row&& score_row, Scalar& row_max, Scalar& row_sum, AccumulatorRow&& accumulator_row) {
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  const Scalar new_max = std::max(row_max, score_row.maxCoeff());
+  if (new_max == minus_infinity) {
+    score_row.setZero();  // nothing attended yet: this tile adds nothing
+    return;
+  }
+  const Scalar correction = row_max == minus_infinity ? Scalar(0) : std::exp(row_max - new_max);
+  score_row.array() = exp_of_shifted(score_row.array() - new_max);
+  row_sum = row_sum * correction + score_row.sum();
+  if (correction != Scalar(1)) accumulator_row *= correction;
+  row_max = new_max;
+}
+
+/// accumulator += weights · values: (rows × cols)·(cols × d_v), in the plan's slices of keys.
+template <typename Problem, typename Weights, typename Accumulator>
+void accumulate_values(const Problem& problem, const Weights& weights, Eigen::Index kv_head, Eigen::Index first_key,
+                       Accumulator&& accumulator) {
+  const Eigen::Index d_v = problem.plan.d_v;
+  const Eigen::Index cols = weights.cols();
+  const Eigen::Index slice = problem.plan.value_slice(weights.rows());
+  for (Eigen::Index first = 0; first < cols; first += slice) {
+    const Eigen::Index count = std::min(slice, cols - first);
+    accumulator.noalias() +=
+        weights.middleCols(first, count) * problem.v.block(first_key + first, kv_head * d_v, count, d_v);
+  }
+}
+
+/// Attends the rows of `item.block` to the item's keys, leaving the unnormalised output, row
+/// maxima and row sums in `slot`. Only keys some row of the block may attend are visited:
+/// the tiles outside the causal diagonal, the window or the key padding are never computed.
+template <typename Problem, typename Scalar>
+void attend_query_block(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem& item) {
+  const QueryBlock& block = item.block;
+  const KeyBand& band = problem.band;
+  const Eigen::Index rows = block.rows();
+  const Eigen::Index first_query = block.first_query;
+  const Eigen::Index last_query = first_query + block.queries - 1;
+  const Eigen::Index kv_head = block.first_head / problem.heads_per_kv_head;
+  const auto queries = load_queries(problem, slot, block);
+  start_rows(slot, rows, problem.plan.d_v);
+  auto accumulator = slot.accumulator.topLeftCorner(rows, problem.plan.d_v);
+
+  const Eigen::Index keys_from = std::max(item.key_begin, band.key_first(first_query));
+  const Eigen::Index keys_to = std::min(item.key_end, band.key_end(last_query));
+  for (Eigen::Index first_key = keys_from; first_key < keys_to; first_key += problem.plan.block_k) {
+    const Eigen::Index cols = std::min(problem.plan.block_k, keys_to - first_key);
+    ++slot.tiles;
+    const bool inside_band = band.key_first(last_query) <= first_key && band.key_end(first_query) >= first_key + cols;
+    auto scores = score_tile(problem, slot, queries, kv_head, first_key, cols);
+    for (Eigen::Index r = 0; r < rows; ++r) {
+      mask_score_row(problem, scores.row(r), block.query_of(r), block.head_of(r), first_key, inside_band);
+      online_softmax_row(scores.row(r), slot.row_max(r), slot.row_sum(r), accumulator.row(r));
+    }
+    accumulate_values(problem, scores, kv_head, first_key, accumulator);
+  }
+}
+
+/// Normalises rows [first_row, first_row + rows) of the slot's accumulator into `out`
+/// (rows × d_v) and their log-sum-exp into `lse` (rows): a row that attended nothing gets
+/// zeros and −∞.
+template <typename Scalar, typename Out, typename Lse>
+void finish_rows(TileSlot<Scalar>& slot, Eigen::Index first_row, Eigen::Index rows, Eigen::Index d_v, Out&& out,
+                 Lse&& lse) {
+  auto row_sum = slot.row_sum.segment(first_row, rows);
+  for (Eigen::Index r = 0; r < rows; ++r) {
+    const Scalar sum = row_sum(r);
+    lse(r) = sum > Scalar(0) ? slot.row_max(first_row + r) + std::log(sum) : -std::numeric_limits<Scalar>::infinity();
+    // A row that attended nothing has a zero accumulator: dividing by 1 keeps it zero.
+    row_sum(r) = sum > Scalar(0) ? Scalar(1) / sum : Scalar(1);
+  }
+  // One assignment, so Eigen walks `out` in its own storage order: row by row, a
+  // column-major output is written with a stride of n_q and thrashes the cache.
+  out.noalias() = row_sum.asDiagonal() * slot.accumulator.block(first_row, 0, rows, d_v);
+}
+
+}  // namespace attn::detail
