@@ -143,10 +143,10 @@ void decode(Results<Scalar>& results) {
   auto cache = module.make_cache(1, prompt + steps);
   attn::MultiHeadWorkspace<Scalar> workspace;
   Matrix<Scalar> out, step_outputs(steps, embed_dim);
-  module.forward_into(tokens.topRows(prompt), cache, 0, {}, out, workspace);
+  module.decode_into(tokens.topRows(prompt), cache, 0, {}, out, workspace);
   results["decode_prompt_out"] = out;
   for (Index t = 0; t < steps; ++t) {
-    module.forward_into(tokens.middleRows(prompt + t, 1), cache, 0, {}, out, workspace);
+    module.decode_into(tokens.middleRows(prompt + t, 1), cache, 0, {}, out, workspace);
     step_outputs.row(t) = out;
   }
   results["decode_steps_out"] = step_outputs;
