@@ -27,8 +27,10 @@ total=$(printf '%s\n' "$tests" | grep -c . || true)
 
 shown=$((count < total ? count : total))
 printf 'The %d slowest of %d tests (%s):\n' "$shown" "$total" "$junit"
-printf '%s\n' "$tests" | sort -t$'\t' -k1,1 -g -r | head -n "$count" |
-  awk -F'\t' -v budget="$budget" '{
+# awk takes the first lines rather than head: head would stop reading, and sort, killed by
+# SIGPIPE, would fail the pipeline under pipefail.
+printf '%s\n' "$tests" | sort -t$'\t' -k1,1 -g -r |
+  awk -F'\t' -v budget="$budget" -v count="$count" 'NR <= count {
     printf "  %8.2f s  %s\n", $1, $2
     if ($1 > budget) printf "  warning: over the %d s budget of one test\n", budget
   }'
