@@ -17,44 +17,22 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <functional>
 #include <limits>
 #include <map>
-#include <random>
 #include <string>
 
 #include <attn/attn.hpp>
 #include <attn/npy.hpp>
 
+#include "reference.hpp"
+
 namespace {
 
 using Eigen::Index;
+using attn_test::random_matrix;
 template <typename Scalar>
 using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
-
-/// Uniform in [-scale, scale), drawn in double and rounded once, so that every build draws
-/// the same inputs.
-template <typename Scalar>
-Matrix<Scalar> random_matrix(Index rows, Index cols, unsigned seed, double scale = 1.0) {
-  std::mt19937 engine(seed);
-  std::uniform_real_distribution<double> uniform(-scale, scale);
-  Matrix<Scalar> m(rows, cols);
-  for (Index c = 0; c < cols; ++c) {
-    for (Index r = 0; r < rows; ++r) m(r, c) = static_cast<Scalar>(uniform(engine));
-  }
-  return m;
-}
-
-BoolMatrix random_keep(Index rows, Index cols, unsigned seed) {
-  std::mt19937 engine(seed);
-  std::bernoulli_distribution keep(0.8);
-  BoolMatrix m(rows, cols);
-  for (Index c = 0; c < cols; ++c) {
-    for (Index r = 0; r < rows; ++r) m(r, c) = keep(engine);
-  }
-  return m;
-}
 
 template <typename Scalar>
 using Results = std::map<std::string, Matrix<Scalar>>;
@@ -80,7 +58,7 @@ void reference_path(Results<Scalar>& results) {
   const Matrix<Scalar> q = random_matrix<Scalar>(n_q, 32, 1, 2.0);
   const Matrix<Scalar> k = random_matrix<Scalar>(n_k, 32, 2, 2.0);
   const Matrix<Scalar> v = random_matrix<Scalar>(n_k, 16, 3);
-  const BoolMatrix keep = random_keep(n_q, n_k, 4);
+  const BoolMatrix keep = attn_test::random_keep_mask(n_q, n_k, 4, 0.8);
   const Matrix<Scalar> bias = random_matrix<Scalar>(n_q, n_k, 5);
   attn::AttentionOptions<Scalar> options;
   options.causal = true;
@@ -102,7 +80,7 @@ void tiled_kernel(Results<Scalar>& results) {
   const Matrix<Scalar> q = random_matrix<Scalar>(n_q, 8 * d, 11, 2.0);
   const Matrix<Scalar> k = random_matrix<Scalar>(n_k, 2 * d, 12, 2.0);
   const Matrix<Scalar> v = random_matrix<Scalar>(n_k, 2 * d, 13);
-  const BoolMatrix keep = random_keep(n_q, n_k, 14);
+  const BoolMatrix keep = attn_test::random_keep_mask(n_q, n_k, 14, 0.8);
   const Matrix<Scalar> bias = random_matrix<Scalar>(n_q, n_k, 15);
   attn::AttentionOptions<Scalar> options;
   options.mask = keep;
