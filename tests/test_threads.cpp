@@ -2,8 +2,11 @@
 // each output row is reduced by one thread in a fixed order and a key split merges its
 // chunks in a fixed order. Built only when OpenMP is found (it links attn::attn_openmp).
 
+#include <cstddef>
 #include <stdexcept>
 #include <vector>
+
+#include <omp.h>
 
 #include <attn/attn.hpp>
 
@@ -15,6 +18,41 @@
 #endif
 
 using Eigen::Index;
+
+namespace {
+// attn caps num_threads at omp_get_max_threads(), one per core by default: let the tests
+// below ask for up to 4 threads on a 2-core machine, so that 3 and 4 are really 3 and 4.
+const int raised_thread_limit = [] {
+  omp_set_num_threads(4);
+  return 4;
+}();
+}  // namespace
+
+TEST_CASE("num_threads far above what OpenMP offers is capped there: slots, threads and memory",
+          "[threads][workspace]") {
+  REQUIRE(omp_get_max_threads() == raised_thread_limit);
+  using Matrix = Eigen::MatrixXf;
+  // 16 heads × 10 query blocks: 160 work items, each of which would get a thread and a
+  // workspace slot if a count of a million were taken at its word.
+  const attn::Heads heads{16, 16};
+  const Index n = 640, d = 8;
+  const Matrix q = attn_test::random_matrix<float>(n, heads.num_heads * d, 1);
+  const Matrix k = attn_test::random_matrix<float>(n, heads.num_heads * d, 2);
+  const Matrix v = attn_test::random_matrix<float>(n, heads.num_heads * d, 3);
+  attn::AttentionOptionsf options;
+  attn::Workspace<float> workspace;
+  Matrix sequential, out;
+  attn::flash_attention_into<64, 64>(q, k, v, heads, options, sequential, workspace);
+  options.num_threads = 1'000'000;
+  attn::flash_attention_into<64, 64>(q, k, v, heads, options, out, workspace);
+  CHECK(workspace.thread_slots() == static_cast<std::size_t>(raised_thread_limit));
+  CHECK(out == sequential);
+  omp_set_num_threads(2);
+  attn::Workspace<float> small_workspace;
+  attn::flash_attention_into<64, 64>(q, k, v, heads, options, out, small_workspace);
+  CHECK(small_workspace.thread_slots() == 2);
+  omp_set_num_threads(raised_thread_limit);
+}
 
 TEMPLATE_TEST_CASE("results are bitwise identical whatever the thread count", "[threads]", float, double) {
   using Scalar = TestType;

@@ -53,8 +53,10 @@ struct AttentionOptions {
   std::optional<Eigen::Index> valid_keys;
   std::optional<SlidingWindow> window;
   /// Threads for the tiled kernel (`flash_attention`): 1 = sequential, 0 = as many as
-  /// OpenMP offers. Without OpenMP the kernel runs sequentially whatever this says. The
-  /// result is bitwise the same for every thread count. The reference path ignores it.
+  /// OpenMP offers. A larger count is capped at what OpenMP offers, `omp_get_max_threads()`
+  /// (OMP_NUM_THREADS or `omp_set_num_threads`, by default one per core): raise that to run
+  /// more. Without OpenMP the kernel runs sequentially whatever this says. The result is
+  /// bitwise the same for every thread count. The reference path ignores it.
   int num_threads = 1;
 };
 

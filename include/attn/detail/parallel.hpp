@@ -4,6 +4,7 @@
 /// runs sequentially when OpenMP is off (no `-fopenmp`, or `attn::attn` rather than
 /// `attn::attn_openmp`), so no header needs a pragma of its own.
 
+#include <algorithm>
 #include <exception>
 
 #include <Eigen/Core>
@@ -14,10 +15,14 @@
 
 namespace attn::detail {
 
-/// How many threads a call may use: `requested` (0 = all OpenMP offers), 1 without OpenMP.
+/// How many threads a call may use: `requested`, at most what OpenMP offers
+/// (`omp_get_max_threads()`: OMP_NUM_THREADS, `omp_set_num_threads`, else one per core),
+/// 0 for all of that; 1 without OpenMP. Capped because every thread gets a workspace slot:
+/// a million asked for would be a million slots and as many threads asked of OpenMP.
 inline int resolve_thread_count(int requested) noexcept {
 #if defined(_OPENMP)
-  return requested == 0 ? omp_get_max_threads() : requested;
+  const int offered = omp_get_max_threads();
+  return requested == 0 ? offered : std::min(requested, offered);
 #else
   (void)requested;
   return 1;
