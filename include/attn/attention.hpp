@@ -51,6 +51,39 @@ void check_attention(const char* operation, const Eigen::MatrixBase<DerivedQ>& q
   require_defined_scale(operation, options, q.cols());
 }
 
+/// The softmax of each row of `scores` in place and out = P·v, key by key, never reading
+/// the value of a key whose score is −∞: P·v as a product would multiply a masked key's
+/// garbage (NaN or ∞ in padding) by its weight 0 and get NaN. The reference path's way
+/// when v is not all finite; the same weights as `softmax_rows_inplace` to rounding.
+template <typename Scores, typename DerivedV, typename Out>
+void softmax_and_sum_skipping_masked(Scores& scores, const Eigen::MatrixBase<DerivedV>& v, Out& out) {
+  using Scalar = typename DerivedV::Scalar;
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  const flushed_exp_op<Scalar> exp_op;
+  for (Eigen::Index query = 0; query < scores.rows(); ++query) {
+    auto row = scores.row(query);
+    auto out_row = out.row(query);
+    out_row.setZero();
+    const Scalar row_max = row.size() == 0 ? minus_infinity : row.template maxCoeff<Eigen::PropagateNaN>();
+    if (row_max == minus_infinity) {
+      row.setZero();
+      continue;
+    }
+    Scalar row_sum = 0;
+    for (Eigen::Index key = 0; key < row.size(); ++key) {
+      if (row(key) == minus_infinity) {
+        row(key) = 0;
+        continue;
+      }
+      row(key) = exp_op(row(key) - row_max);
+      row_sum += row(key);
+      out_row += row(key) * v.row(key);
+    }
+    row /= row_sum;
+    out_row /= row_sum;
+  }
+}
+
 /// The reference path after its checks, the one every caller of the materialised weights
 /// uses: the scores scale·q·kᵀ (n_q × n_k) into `weights`, the bias, the score modifier,
 /// the masks and the mask modifier, in the tiled kernel's order, then the softmax and P·V
@@ -64,7 +97,7 @@ void attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::Matr
   using Scalar = typename DerivedQ::Scalar;
   const Scalar scale = options.scale ? *options.scale : default_scale<Scalar>(q.cols());
   // weights: (n_q × n_k), first holding the scores, then overwritten by their softmax
-  weights.noalias() = scale * (q * k.transpose());
+  scaled_scores_unchecked(q, k, scale, weights);
   add_bias_unchecked(weights, options);
   if constexpr (!is_identity_mod<ScoreMod>::value) {
     for (Eigen::Index query = 0; query < weights.rows(); ++query) {
@@ -81,9 +114,13 @@ void attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::Matr
       }
     }
   }
-  softmax_rows_inplace(weights);
-  // output: (n_q × d_v)
-  weighted_sum_unchecked(weights, v, out);
+  if (v.allFinite()) {
+    softmax_rows_inplace(weights);
+    // output: (n_q × d_v)
+    weighted_sum_unchecked(weights, v, out);
+  } else {
+    softmax_and_sum_skipping_masked(weights, v, out);
+  }
 }
 
 }  // namespace detail

@@ -5,6 +5,7 @@
 /// `attn::AttentionOptions`.
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 
@@ -109,12 +110,60 @@ class KeyBand {
   Eigen::Index key_end_;
 };
 
-/// Adds the options' bias to an n_q×n_k score matrix, without checking the options.
+/// score + bias as the options define it: a bias of −∞ masks its key whatever the score
+/// (NaN and +∞ included, so that garbage in a padded key cannot leak through a float mask),
+/// and two finite terms whose sum overflows saturate at ±max() instead: a finite bias
+/// never masks a key (−∞) nor turns its row NaN (+∞ − +∞). Vectorised, as the bias is added
+/// to every score of a tile.
+template <typename Scalar>
+struct biased_score_op {
+  Scalar operator()(Scalar score, Scalar bias) const {
+    constexpr Scalar infinity = std::numeric_limits<Scalar>::infinity();
+    if (bias == -infinity) return -infinity;
+    const Scalar sum = score + bias;
+    if (std::isfinite(score) && std::isfinite(bias)) {
+      return std::clamp(sum, std::numeric_limits<Scalar>::lowest(), std::numeric_limits<Scalar>::max());
+    }
+    return sum;
+  }
+
+  template <typename Packet>
+  Packet packetOp(const Packet& score, const Packet& bias) const {
+    namespace internal = Eigen::internal;
+    using Limits = std::numeric_limits<Scalar>;
+    const Packet infinity = internal::pset1<Packet>(Limits::infinity());
+    const Packet sum = internal::padd(score, bias);
+    // |x| < ∞ is false for ±∞ and for NaN.
+    const Packet finite_terms = internal::pand(internal::pcmp_lt(internal::pabs(score), infinity),
+                                               internal::pcmp_lt(internal::pabs(bias), infinity));
+    const Packet saturated = internal::pmin(internal::pmax(sum, internal::pset1<Packet>(Limits::lowest())),
+                                            internal::pset1<Packet>(Limits::max()));
+    const Packet biased = internal::pselect(finite_terms, saturated, sum);
+    const Packet masking = internal::pcmp_eq(bias, internal::pnegate(infinity));
+    return internal::pselect(masking, internal::pnegate(infinity), biased);
+  }
+};
+
+}  // namespace detail
+}  // namespace attn
+
+namespace Eigen::internal {
+template <typename Scalar>
+struct functor_traits<attn::detail::biased_score_op<Scalar>> {
+  enum { Cost = 8 * NumTraits<Scalar>::AddCost, PacketAccess = packet_traits<Scalar>::HasAbs };
+};
+}  // namespace Eigen::internal
+
+namespace attn {
+namespace detail {
+
+/// Adds the options' bias to an n_q×n_k score matrix (as `biased_score_op`), without
+/// checking the options.
 template <typename Derived, typename Scalar>
 void add_bias_unchecked(Eigen::MatrixBase<Derived>& scores, const AttentionOptions<Scalar>& options) {
   // An empty matrix may have a null data pointer that not even a zero-length row may offset.
   if (scores.size() == 0 || options.bias.empty()) return;
-  scores += options.bias.map();
+  scores = scores.binaryExpr(options.bias.map(), biased_score_op<Scalar>{});
 }
 
 /// Sets every score the options mask (keep-mask, causal, window, key padding) to −∞,

@@ -24,7 +24,8 @@ namespace attn {
 ///
 /// `out` is n_q×(H·d_v) with heads as column blocks, `lse` is n_q×H (natural log; −∞ for a
 /// query that attends no key, whose output row is zero). A side with lse = −∞ contributes
-/// nothing; both −∞ give zeros and −∞.
+/// nothing, whatever its output row holds; both −∞ give zeros and −∞. A side with lse = NaN
+/// (a NaN or +∞ score) makes the row NaN and its lse NaN.
 template <typename OutA, typename LseA, typename DerivedOutB, typename DerivedLseB>
 void merge_into(OutA&& out, LseA&& lse, const Eigen::MatrixBase<DerivedOutB>& other_out,
                 const Eigen::MatrixBase<DerivedLseB>& other_lse) {
@@ -50,17 +51,29 @@ void merge_into(OutA&& out, LseA&& lse, const Eigen::MatrixBase<DerivedOutB>& ot
     for (Eigen::Index row = 0; row < out.rows(); ++row) {
       const Scalar lse_a = lse(row, head);
       const Scalar lse_b = other_lse(row, head);
-      const Scalar lse_max = std::max(lse_a, lse_b);
       auto out_row = out.row(row).segment(head * d_v, d_v);
-      if (lse_max == minus_infinity) {
-        out_row.setZero();
+      const auto other_row = other_out.row(row).segment(head * d_v, d_v);
+      if (std::isnan(lse_a) || std::isnan(lse_b)) {
+        out_row.setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+        lse(row, head) = std::numeric_limits<Scalar>::quiet_NaN();
         continue;
       }
+      // An empty side's row is not read: 0·(its contents) would be NaN where they are not finite.
+      if (lse_b == minus_infinity) {
+        if (lse_a == minus_infinity) out_row.setZero();
+        continue;
+      }
+      if (lse_a == minus_infinity) {
+        out_row = other_row;
+        lse(row, head) = lse_b;
+        continue;
+      }
+      const Scalar lse_max = std::max(lse_a, lse_b);
       // Shifting by the larger lse keeps both weights in (0, 1]: nothing overflows.
       const Scalar weight_a = std::exp(lse_a - lse_max);
       const Scalar weight_b = std::exp(lse_b - lse_max);
       const Scalar total = weight_a + weight_b;
-      out_row = (weight_a / total) * out_row + (weight_b / total) * other_out.row(row).segment(head * d_v, d_v);
+      out_row = (weight_a / total) * out_row + (weight_b / total) * other_row;
       lse(row, head) = lse_max + std::log(total);
     }
   }

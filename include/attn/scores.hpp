@@ -37,18 +37,47 @@ void check_scores(const char* operation, const Eigen::MatrixBase<DerivedQ>& q, c
   require_valid_scale(operation, scale);
 }
 
+/// Where a score scale·Σ_d q_d·k_d takes its scale: on the query before the product when
+/// the scale shrinks (≤ 1), on the product after it when it grows. Either way no term or
+/// partial sum is larger than the scaled score's own, so a score overflows only when its
+/// true value (or a partial sum of it) is out of range, and both paths overflow alike.
+template <typename Scalar>
+constexpr bool scale_queries_first(Scalar scale) noexcept {
+  return scale <= Scalar(1);
+}
+
+/// out = scale·q·kᵀ with the scale placed as `scale_queries_first` says. The product runs
+/// with the scale as its alpha (no extra pass), which Eigen applies after the sums for a
+/// blocked product and before them for a small one; the scores that overflowed where the
+/// other order would not (rare: non-finite, found in one pass) are recomputed in the
+/// right order.
+template <typename DerivedQ, typename DerivedK, typename Out>
+void scaled_scores_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                             typename DerivedQ::Scalar scale, Out& out) {
+  // scores: (n_q × n_k)
+  out.noalias() = scale * (q * k.transpose());
+  if (out.allFinite()) return;
+  const bool queries_first = scale_queries_first(scale);
+  for (Eigen::Index query = 0; query < out.rows(); ++query) {
+    for (Eigen::Index key = 0; key < out.cols(); ++key) {
+      if (std::isfinite(out(query, key))) continue;
+      out(query, key) = queries_first ? (scale * q.row(query)).dot(k.row(key)) : scale * q.row(query).dot(k.row(key));
+    }
+  }
+}
+
 }  // namespace detail
 
 /// out = scale·q·kᵀ, written into caller storage: (n_q×d_k), (n_k×d_k) → n_q×n_k.
-/// `scale` must be finite and positive; `out` must not alias `q` or `k`.
+/// `scale` must be finite and positive; `out` must not alias `q` or `k`. A score overflows
+/// only when its true value does (see `detail::scale_queries_first`).
 template <typename DerivedQ, typename DerivedK, typename Out>
 void scaled_scores_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
                         typename DerivedQ::Scalar scale, Out&& out) {
   detail::require_writable<Out>();
   detail::check_scores("attn::scaled_scores_into", q, k, scale);
   detail::fit_output("attn::scaled_scores_into", "out", out, q.rows(), k.rows());
-  // scores: (n_q × n_k); the scale rides along as the product's alpha, at no extra pass.
-  out.noalias() = scale * (q * k.transpose());
+  detail::scaled_scores_unchecked(q, k, scale, out);
 }
 
 /// scale·q·kᵀ as a new n_q×n_k matrix, fixed-size when q and k are.
@@ -58,7 +87,7 @@ auto scaled_scores(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase
   detail::check_scores("attn::scaled_scores", q, k, scale);
   detail::plain_matrix<typename DerivedQ::Scalar, DerivedQ::RowsAtCompileTime, DerivedK::RowsAtCompileTime> out(
       q.rows(), k.rows());
-  out.noalias() = scale * (q * k.transpose());
+  detail::scaled_scores_unchecked(q, k, scale, out);
   return out;
 }
 

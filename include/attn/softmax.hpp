@@ -5,7 +5,8 @@
 ///
 /// Each row is shifted by its maximum before exponentiating, so the largest term is exp(0)
 /// = 1 and nothing overflows: logits of ±1e4 in float are exact. A row whose entries are
-/// all −∞ (every key masked) becomes a row of zeros, not 0/0 = NaN.
+/// all −∞ (every key masked) becomes a row of zeros, not 0/0 = NaN; a row with a NaN or +∞
+/// entry becomes all NaN.
 
 #include <algorithm>
 #include <cmath>
@@ -69,27 +70,28 @@ template <typename Rows>
 void softmax_rows_chunk(Rows&& rows) {
   using Scalar = typename std::decay_t<Rows>::Scalar;
   using ChunkVector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1, Eigen::ColMajor, softmax_row_chunk, 1>;
-  ChunkVector row_max = rows.rowwise().maxCoeff();
+  // NaN-propagating, so that a row with a NaN score comes out all NaN.
+  ChunkVector row_max = rows.rowwise().redux(Eigen::internal::scalar_max_op<Scalar, Scalar, Eigen::PropagateNaN>());
   // A row of −∞ has no finite maximum to subtract; 0 keeps exp(−∞ − 0) = 0 instead of NaN.
   row_max = (row_max.array() == -std::numeric_limits<Scalar>::infinity()).select(Scalar(0), row_max);
   rows.array().colwise() -= row_max.array();
   rows.array() = exp_of_shifted(rows.array());
   ChunkVector row_sum = rows.rowwise().sum();
   // Every row with a finite entry sums to at least exp(0) = 1; an all-masked row sums to 0
-  // and stays 0 when divided by 1.
-  row_sum = (row_sum.array() > Scalar(0)).select(row_sum, Scalar(1));
+  // and stays 0 when divided by 1; a row with a NaN or +∞ score sums to NaN and becomes NaN.
+  row_sum = (row_sum.array() == Scalar(0)).select(Scalar(1), row_sum);
   rows.array().colwise() /= row_sum.array();
 }
 
 template <typename Row>
 void softmax_row(Row&& row) {
   using Scalar = typename std::decay_t<Row>::Scalar;
-  Scalar row_max = row.maxCoeff();
+  Scalar row_max = row.template maxCoeff<Eigen::PropagateNaN>();
   if (row_max == -std::numeric_limits<Scalar>::infinity()) row_max = Scalar(0);
   row.array() -= row_max;
   row.array() = exp_of_shifted(row.array());
   const Scalar row_sum = row.sum();
-  if (row_sum > Scalar(0)) row.array() /= row_sum;
+  if (row_sum != Scalar(0)) row.array() /= row_sum;
 }
 
 }  // namespace detail

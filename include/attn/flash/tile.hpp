@@ -17,6 +17,7 @@
 #include "../mask.hpp"
 #include "../mods.hpp"
 #include "../options.hpp"
+#include "../scores.hpp"
 #include "../softmax.hpp"
 #include "plan.hpp"
 #include "workspace.hpp"
@@ -40,17 +41,19 @@ struct FlashProblem {
 };
 
 /// queries: (rows × d_k), the block's queries times the scale, once per block rather than
-/// once per score. A copy, because a scaled view would make Eigen evaluate a temporary (an
-/// allocation) when a single query row turns the tile product into a matrix-vector
-/// product; column-major like Eigen's default, so that copying from a column-major q is a
-/// vectorised copy.
+/// once per score, when the scale shrinks (`scale_queries_first`; `score_tile` applies a
+/// growing one to the product). A copy, because a scaled view would make Eigen evaluate a
+/// temporary (an allocation) when a single query row turns the tile product into a
+/// matrix-vector product; column-major like Eigen's default, so that copying from a
+/// column-major q is a vectorised copy.
 template <typename Problem, typename Scalar>
 auto load_queries(const Problem& problem, TileSlot<Scalar>& slot, const QueryBlock& block) {
   const Eigen::Index d_k = problem.plan.d_k;
   auto queries = slot.queries.topLeftCorner(block.rows(), d_k);
+  const Scalar query_scale = scale_queries_first(problem.scale) ? problem.scale : Scalar(1);
   for (Eigen::Index h = 0; h < block.heads; ++h) {
     queries.middleRows(h * block.queries, block.queries).noalias() =
-        problem.scale * problem.q.block(block.first_query, (block.first_head + h) * d_k, block.queries, d_k);
+        query_scale * problem.q.block(block.first_query, (block.first_head + h) * d_k, block.queries, d_k);
   }
   return queries;
 }
@@ -72,6 +75,7 @@ auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& q
   Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
       slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(problem.plan.score_stride));
   scores.noalias() = queries * problem.k.block(first_key, kv_head * d_k, cols, d_k).transpose();
+  if (!scale_queries_first(problem.scale)) scores *= problem.scale;
   return scores;
 }
 
@@ -87,7 +91,9 @@ EIGEN_ALWAYS_INLINE void mask_score_row(const Problem& problem, Row&& score_row,
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   const Eigen::Index cols = score_row.size();
   const AttentionOptions<Scalar>& options = problem.options;
-  if (!options.bias.empty()) score_row += options.bias.map().block(query, first_key, 1, cols);
+  if (!options.bias.empty()) {
+    score_row = score_row.binaryExpr(options.bias.map().block(query, first_key, 1, cols), biased_score_op<Scalar>{});
+  }
   if constexpr (!is_identity_mod<ScoreMod>::value) {
     for (Eigen::Index c = 0; c < cols; ++c) score_row(c) = problem.score_mod(score_row(c), query, first_key + c, head);
   }
@@ -109,6 +115,21 @@ EIGEN_ALWAYS_INLINE void mask_score_row(const Problem& problem, Row&& score_row,
   }
 }
 
+/// The running maximum of a row after one more tile of its scores, NaN if a NaN score makes
+/// the row NaN. Eigen's fast maxCoeff and std::max may each drop a NaN; while the maximum
+/// is finite that is harmless (the NaN score's weight exp(NaN − max) is NaN, and with it
+/// the row's sum, output and log-sum-exp), but a maximum of −∞ would make the tile look
+/// fully masked and skip the NaN. So only then look for one: nothing in the hot path (a
+/// NaN-propagating maxCoeff cost the kernel 2–5%).
+template <typename Scalar, typename Row>
+EIGEN_ALWAYS_INLINE Scalar running_max(Scalar row_max, const Row& score_row) {
+  const Scalar new_max = std::max(row_max, score_row.maxCoeff());
+  if (new_max == -std::numeric_limits<Scalar>::infinity() && score_row.hasNaN()) {
+    return std::numeric_limits<Scalar>::quiet_NaN();
+  }
+  return new_max;
+}
+
 /// The online softmax for one row and one tile: exponentiates the row's scores against the
 /// running maximum (rescaling the sum and the accumulated output when the maximum grows),
 /// leaving the tile's unnormalised weights in `score_row`. Forced inline: it runs once per
@@ -116,7 +137,7 @@ EIGEN_ALWAYS_INLINE void mask_score_row(const Problem& problem, Row&& score_row,
 template <typename Row, typename Scalar, typename AccumulatorRow>
 EIGEN_ALWAYS_INLINE void online_softmax_row(Row&& score_row, Scalar& row_max, Scalar& row_sum, AccumulatorRow&& accumulator_row) {
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
-  const Scalar new_max = std::max(row_max, score_row.maxCoeff());
+  const Scalar new_max = running_max(row_max, score_row);
   if (new_max == minus_infinity) {
     score_row.setZero();  // nothing attended yet: this tile adds nothing
     return;
@@ -125,6 +146,30 @@ EIGEN_ALWAYS_INLINE void online_softmax_row(Row&& score_row, Scalar& row_max, Sc
   score_row.array() = exp_of_shifted(score_row.array() - new_max);
   row_sum = row_sum * correction + score_row.sum();
   if (correction != Scalar(1)) accumulator_row *= correction;
+  row_max = new_max;
+}
+
+/// `online_softmax_row` and the value accumulation together, for one row and one tile,
+/// key by key, skipping every key whose score is −∞: a masked key's value is never read,
+/// so garbage in it (NaN or ∞ in padding) cannot reach the output through 0·∞ = NaN, as it
+/// does through the tile product. The slow path, for blocks whose output came out
+/// non-finite.
+template <typename Row, typename Values, typename Scalar, typename AccumulatorRow>
+void online_softmax_masked_row(const Row& score_row, const Values& values, Scalar& row_max, Scalar& row_sum,
+                               AccumulatorRow&& accumulator_row) {
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  const Scalar new_max = running_max(row_max, score_row);
+  if (new_max == minus_infinity) return;
+  const Scalar correction = row_max == minus_infinity ? Scalar(0) : std::exp(row_max - new_max);
+  row_sum *= correction;
+  accumulator_row *= correction;
+  const flushed_exp_op<Scalar> exp_op;
+  for (Eigen::Index c = 0; c < score_row.size(); ++c) {
+    if (score_row(c) == minus_infinity) continue;
+    const Scalar weight = exp_op(score_row(c) - new_max);
+    row_sum += weight;
+    accumulator_row += weight * values.row(c);
+  }
   row_max = new_max;
 }
 
@@ -145,8 +190,9 @@ void accumulate_values(const Problem& problem, const Weights& weights, Eigen::In
 /// Attends the rows of `item.block` to the item's keys, leaving the unnormalised output, row
 /// maxima and row sums in `slot`. Only keys some row of the block may attend are visited:
 /// the tiles outside the causal diagonal, the window or the key padding are never computed.
-template <typename Problem, typename Scalar>
-void attend_query_block(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem& item) {
+/// `IsolateMasked` takes the slow path of `online_softmax_masked_row` for every row.
+template <bool IsolateMasked, typename Problem, typename Scalar>
+void attend_tiles(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem& item) {
   const QueryBlock& block = item.block;
   const KeyBand& band = problem.band;
   const Eigen::Index rows = block.rows();
@@ -166,24 +212,44 @@ void attend_query_block(const Problem& problem, TileSlot<Scalar>& slot, const Wo
     auto scores = score_tile(problem, slot, queries, kv_head, first_key, cols);
     for (Eigen::Index r = 0; r < rows; ++r) {
       mask_score_row(problem, scores.row(r), block.query_of(r), block.head_of(r), first_key, inside_band);
-      online_softmax_row(scores.row(r), slot.row_max(r), slot.row_sum(r), accumulator.row(r));
+      if constexpr (IsolateMasked) {
+        const Eigen::Index d_v = problem.plan.d_v;
+        online_softmax_masked_row(scores.row(r), problem.v.block(first_key, kv_head * d_v, cols, d_v), slot.row_max(r),
+                                  slot.row_sum(r), accumulator.row(r));
+      } else {
+        online_softmax_row(scores.row(r), slot.row_max(r), slot.row_sum(r), accumulator.row(r));
+      }
     }
-    accumulate_values(problem, scores, kv_head, first_key, accumulator);
+    if constexpr (!IsolateMasked) accumulate_values(problem, scores, kv_head, first_key, accumulator);
+  }
+}
+
+/// `attend_tiles`, fast, and again key by key when the output came out non-finite: a NaN
+/// or ∞ anywhere in the accumulator stays there to the end (nothing finite arithmetic does
+/// turns it finite), so one check after the last tile finds every case where the tile
+/// product may have read a masked key's garbage. The rerun decides which rows really are
+/// non-finite. The same item takes the same path at any thread count.
+template <typename Problem, typename Scalar>
+void attend_query_block(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem& item) {
+  attend_tiles<false>(problem, slot, item);
+  if (!slot.accumulator.topLeftCorner(item.block.rows(), problem.plan.d_v).allFinite()) {
+    attend_tiles<true>(problem, slot, item);
   }
 }
 
 /// Normalises rows [first_row, first_row + rows) of the slot's accumulator into `out`
 /// (rows × d_v) and their log-sum-exp into `lse` (rows): a row that attended nothing gets
-/// zeros and −∞.
+/// zeros and −∞, a row with a NaN or +∞ score NaN in both.
 template <typename Scalar, typename Out, typename Lse>
 void finish_rows(TileSlot<Scalar>& slot, Eigen::Index first_row, Eigen::Index rows, Eigen::Index d_v, Out&& out,
                  Lse&& lse) {
   auto row_sum = slot.row_sum.segment(first_row, rows);
   for (Eigen::Index r = 0; r < rows; ++r) {
     const Scalar sum = row_sum(r);
-    lse(r) = sum > Scalar(0) ? slot.row_max(first_row + r) + std::log(sum) : -std::numeric_limits<Scalar>::infinity();
-    // A row that attended nothing has a zero accumulator: dividing by 1 keeps it zero.
-    row_sum(r) = sum > Scalar(0) ? Scalar(1) / sum : Scalar(1);
+    // A row that attended nothing has a zero accumulator: dividing by 1 keeps it zero. A
+    // NaN sum (a NaN or +∞ score) passes through both.
+    lse(r) = sum == Scalar(0) ? -std::numeric_limits<Scalar>::infinity() : slot.row_max(first_row + r) + std::log(sum);
+    row_sum(r) = sum == Scalar(0) ? Scalar(1) : Scalar(1) / sum;
   }
   // One assignment, so Eigen walks `out` in its own storage order: row by row, a
   // column-major output is written with a stride of n_q and thrashes the cache.
