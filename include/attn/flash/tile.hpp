@@ -79,33 +79,48 @@ auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& q
   return scores;
 }
 
-/// Turns one row of a score tile (keys [first_key, first_key + cols) of `query` in
-/// `head`) into the scores the softmax sees: the bias, the score modifier, then every mask
-/// as −∞. `inside_band` says the positional rules keep the whole tile.
+/// Adds the bias to one row of a score tile (keys [first_key, first_key + cols) of
+/// `query`), as `biased_score_op` defines it.
 template <typename Problem, typename Row>
-EIGEN_ALWAYS_INLINE void mask_score_row(const Problem& problem, Row&& score_row, Eigen::Index query, Eigen::Index head,
-                    Eigen::Index first_key, bool inside_band) {
+EIGEN_ALWAYS_INLINE void add_bias_row(const Problem& problem, Row&& score_row, Eigen::Index query,
+                                      Eigen::Index first_key) {
   using Scalar = typename std::decay_t<Row>::Scalar;
+  const auto& bias = problem.options.bias;
+  if (bias.empty()) return;
+  score_row = score_row.binaryExpr(bias.map().block(query, first_key, 1, score_row.size()), biased_score_op<Scalar>{});
+}
+
+/// Applies the score modifier to one row of a score tile.
+template <typename Problem, typename Row>
+EIGEN_ALWAYS_INLINE void modify_row(const Problem& problem, Row&& score_row, Eigen::Index query, Eigen::Index head,
+                                    Eigen::Index first_key) {
   using ScoreMod = std::decay_t<decltype(problem.score_mod)>;
+  if constexpr (!is_identity_mod<ScoreMod>::value) {
+    for (Eigen::Index c = 0; c < score_row.size(); ++c) {
+      score_row(c) = problem.score_mod(score_row(c), query, first_key + c, head);
+    }
+  }
+}
+
+/// Sets every masked score of one row of a score tile to −∞: the positional rules (unless
+/// `inside_band` says they keep the whole tile), the keep-mask, the mask modifier.
+template <typename Problem, typename Row>
+EIGEN_ALWAYS_INLINE void mask_row(const Problem& problem, Row&& score_row, Eigen::Index query, Eigen::Index head,
+                                  Eigen::Index first_key, bool inside_band) {
+  using Scalar = typename std::decay_t<Row>::Scalar;
   using MaskMod = std::decay_t<decltype(problem.mask_mod)>;
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   const Eigen::Index cols = score_row.size();
-  const AttentionOptions<Scalar>& options = problem.options;
-  if (!options.bias.empty()) {
-    score_row = score_row.binaryExpr(options.bias.map().block(query, first_key, 1, cols), biased_score_op<Scalar>{});
-  }
-  if constexpr (!is_identity_mod<ScoreMod>::value) {
-    for (Eigen::Index c = 0; c < cols; ++c) score_row(c) = problem.score_mod(score_row(c), query, first_key + c, head);
-  }
   if (!inside_band) {
     const Eigen::Index keep_from = std::clamp<Eigen::Index>(problem.band.key_first(query) - first_key, 0, cols);
     const Eigen::Index keep_to = std::clamp<Eigen::Index>(problem.band.key_end(query) - first_key, keep_from, cols);
     score_row.head(keep_from).setConstant(minus_infinity);
     score_row.tail(cols - keep_to).setConstant(minus_infinity);
   }
-  if (!options.mask.empty()) {
+  const auto& mask = problem.options.mask;
+  if (!mask.empty()) {
     for (Eigen::Index c = 0; c < cols; ++c) {
-      if (!options.mask(query, first_key + c)) score_row(c) = minus_infinity;
+      if (!mask(query, first_key + c)) score_row(c) = minus_infinity;
     }
   }
   if constexpr (!is_identity_mod<MaskMod>::value) {
@@ -113,6 +128,17 @@ EIGEN_ALWAYS_INLINE void mask_score_row(const Problem& problem, Row&& score_row,
       if (!problem.mask_mod(query, first_key + c, head)) score_row(c) = minus_infinity;
     }
   }
+}
+
+/// Turns one row of a score tile (keys [first_key, first_key + cols) of `query` in `head`)
+/// into the scores the softmax sees: the bias, the score modifier, then every mask as −∞.
+/// `inside_band` says the positional rules keep the whole tile.
+template <typename Problem, typename Row>
+EIGEN_ALWAYS_INLINE void mask_score_row(const Problem& problem, Row&& score_row, Eigen::Index query, Eigen::Index head,
+                                        Eigen::Index first_key, bool inside_band) {
+  add_bias_row(problem, score_row, query, first_key);
+  modify_row(problem, score_row, query, head, first_key);
+  mask_row(problem, score_row, query, head, first_key, inside_band);
 }
 
 /// The running maximum of a row after one more tile of its scores, NaN if a NaN score makes
