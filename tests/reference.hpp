@@ -136,6 +136,43 @@ double tolerance(Index d_k, Index n_k, double magnitude = 1.0) {
   return 8.0 * eps * static_cast<double>(d_k + n_k + 8) * std::max(1.0, magnitude);
 }
 
+struct ReferenceGradients {
+  Eigen::MatrixXd dq, dk, dv, d_bias;
+};
+
+/// The gradients of Loss = Σ d_out ∘ O + Σ d_lse ∘ lse with respect to q, k, v (and the
+/// bias), written out from the chain rule with loops, in double: O = P·V with
+/// P = softmax(S), S = scale·q·kᵀ + bias (masked entries excluded), so
+///   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS_ij = P_ij·(dP_ij − Σ_l P_il·dP_il + dL_i),
+///   dQ = scale·dS·K,  dK = scale·dSᵀ·Q,  dBias = dS.
+inline ReferenceGradients reference_attention_backward(const Eigen::MatrixXd& q, const Eigen::MatrixXd& k,
+                                                       const Eigen::MatrixXd& v, const Eigen::MatrixXd& d_out,
+                                                       double scale, const ReferenceMasks& masks = {},
+                                                       const Eigen::VectorXd* d_lse = nullptr) {
+  const Eigen::MatrixXd p = reference_attention(q, k, v, scale, masks).weights;
+  const Index n_q = q.rows(), n_k = k.rows(), d_k = q.cols(), d_v = v.cols();
+  ReferenceGradients g{Eigen::MatrixXd::Zero(n_q, d_k), Eigen::MatrixXd::Zero(n_k, d_k),
+                       Eigen::MatrixXd::Zero(n_k, d_v), Eigen::MatrixXd::Zero(n_q, n_k)};
+  for (Index i = 0; i < n_q; ++i) {
+    std::vector<double> d_p(static_cast<std::size_t>(n_k), 0.0);
+    double row_dot = 0.0;
+    for (Index j = 0; j < n_k; ++j) {
+      for (Index c = 0; c < d_v; ++c) d_p[static_cast<std::size_t>(j)] += d_out(i, c) * v(j, c);
+      row_dot += p(i, j) * d_p[static_cast<std::size_t>(j)];
+    }
+    for (Index j = 0; j < n_k; ++j) {
+      const double d_s = p(i, j) * (d_p[static_cast<std::size_t>(j)] - row_dot + (d_lse ? (*d_lse)(i) : 0.0));
+      g.d_bias(i, j) = d_s;
+      for (Index c = 0; c < d_v; ++c) g.dv(j, c) += p(i, j) * d_out(i, c);
+      for (Index c = 0; c < d_k; ++c) {
+        g.dq(i, c) += scale * d_s * k(j, c);
+        g.dk(j, c) += scale * d_s * q(i, c);
+      }
+    }
+  }
+  return g;
+}
+
 template <typename DerivedA, typename DerivedB>
 double max_abs_difference(const Eigen::MatrixBase<DerivedA>& a, const Eigen::MatrixBase<DerivedB>& b) {
   if (a.rows() != b.rows() || a.cols() != b.cols()) return std::numeric_limits<double>::infinity();

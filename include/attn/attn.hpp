@@ -18,6 +18,7 @@
 #include "mods.hpp"
 #include "flash.hpp"
 #include "attention.hpp"
+#include "backward.hpp"
 #include "rope.hpp"
 #include "alibi.hpp"
 #include "kv_cache.hpp"
