@@ -237,11 +237,15 @@ void draw_shapes(Rng& rng, Case& c) {
     c.n_q = rng.chance(0.05) ? 0 : rng.between(1, 40);
     c.n_k = rng.chance(0.05) ? 0 : rng.between(1, 300);
   }
+  if (rng.chance(0.2)) c.merge_split = rng.between(0, c.n_k);
+  // The merge check computes every score a second time, in two halves.
+  const Index passes = c.merge_split ? 2 : 1;
   c.num_heads = rng.between(1, 4);
-  // At most 16000 scores (n_q·H·n_k) per case: the largest shapes take fewer heads, so that
-  // one case stays within ~50 ms under AddressSanitizer at -O1 on a busy machine.
+  // At most 16000 scores (n_q·H·n_k, per pass) per case: the largest shapes take fewer
+  // heads, so that one case stays within ~50 ms under AddressSanitizer at -O1 on a busy
+  // machine.
   constexpr Index score_budget = 16000;
-  while (c.num_heads > 1 && c.n_q * c.num_heads * c.n_k > score_budget) --c.num_heads;
+  while (c.num_heads > 1 && passes * c.n_q * c.num_heads * c.n_k > score_budget) --c.num_heads;
   std::vector<Index> divisors;
   for (Index d = 1; d <= c.num_heads; ++d) {
     if (c.num_heads % d == 0) divisors.push_back(d);
@@ -260,7 +264,7 @@ void draw_shapes(Rng& rng, Case& c) {
   constexpr Index tile_budget = 2000;
   const auto tile_count = [&](Tiles tiles) {
     const auto [block_q, block_k] = tile_sizes(tiles);
-    return (c.n_q + block_q - 1) / block_q * c.num_heads * ((c.n_k + block_k - 1) / block_k);
+    return passes * (c.n_q + block_q - 1) / block_q * c.num_heads * ((c.n_k + block_k - 1) / block_k);
   };
   if (c.tiles == Tiles::q1_k3 && tile_count(c.tiles) > tile_budget) c.tiles = Tiles::q4_k8;
   if (c.tiles == Tiles::q4_k8 && tile_count(c.tiles) > tile_budget) c.tiles = Tiles::q16_k32;
@@ -374,7 +378,7 @@ void draw_injections(Rng& rng, Case& c) {
       for (Index query = 0; query < c.n_q; ++query) {
         if (static_cast<Index>(keys_masked_for(c, query).size()) == c.n_k) queries.push_back(query);
       }
-      if (!queries.empty() && c.d_k > 0) {
+      if (!queries.empty()) {
         c.injections.push_back({"q", pick(rng, queries), rng.between(0, c.q.cols() - 1), draw_non_finite(rng),
                                 "the query row of a query that attends nothing"});
         continue;
@@ -407,7 +411,6 @@ Case draw_case(std::uint64_t seed, std::uint64_t index) {
   c.k = random_values(rng, c, c.n_k, c.num_kv_heads * c.d_k, 2.0);
   c.v = random_values(rng, c, c.n_k, c.num_kv_heads * c.d_v, 2.0);
   if (rng.chance(0.7)) draw_injections(rng, c);
-  if (rng.chance(0.2)) c.merge_split = rng.between(0, c.n_k);
   return c;
 }
 
