@@ -158,6 +158,40 @@ void BM_flash(benchmark::State& state) {
   state.counters["tiles"] = static_cast<double>(workspace.tiles_computed());
 }
 
+/// The tiled backward pass (dq, dk, dv from d_out), given the forward's out and lse as a
+/// training step has them. GFLOP/s counts the backward's useful work as FlashAttention's
+/// papers do, 2.5× the forward's (5 products of its 2); attn's deterministic two passes do
+/// 7, so time against `flash` of the same shape is the ratio to read.
+void BM_backward(benchmark::State& state) {
+  const Shape shape = shape_of(state);
+  const Eigen::Index d = shape.d;
+  const Inputs& in = inputs_for(shape.n, shape.n, shape.heads * d);
+  Eigen::setNbThreads(1);
+  attn::AttentionOptionsf options;
+  options.causal = shape.causal;
+  options.num_threads = shape.threads;
+  const attn::Heads heads{shape.heads, shape.heads};
+  Matrix out = Matrix::Zero(shape.n, shape.heads * d), lse = Matrix::Zero(shape.n, shape.heads);
+  attn::Workspacef forward_workspace;
+  attn::flash_attention_into(in.q, in.k, in.v, heads, options, out, lse, forward_workspace);
+  // d_out: any matrix of the output's shape; the inputs' v has it.
+  const auto& d_out = in.v;
+  attn::BackwardInputs<float> kept;
+  kept.out = out;
+  kept.lse = lse;
+  attn::BackwardWorkspacef workspace;
+  attn::AttentionGradients<float> gradients;
+  const LoadProbe probe;
+  for (auto _ : state) {
+    attn::flash_attention_backward_into(in.q, in.k, in.v, heads, options, d_out, gradients, workspace, kept);
+    benchmark::DoNotOptimize(gradients.dq.data());
+    benchmark::ClobberMemory();
+  }
+  probe.report(state);
+  set_rate(state, "GFLOP/s", 2.5 * attention_flops(shape.heads, shape.n, d, shape.causal) * 1e-9);
+  set_scratch(state, static_cast<double>(workspace.bytes()));
+}
+
 /// The same products as attention with nothing in between: as fast as Eigen multiplies
 /// these shapes here.
 void BM_gemm(benchmark::State& state) {
@@ -244,6 +278,10 @@ void register_attention(Eigen::Index d, Eigen::Index num_heads, Eigen::Index n) 
       }
       configure(benchmark::RegisterBenchmark("core", BM_core)->ArgNames(shape_arg_names)->Args(args), repetitions);
       configure(benchmark::RegisterBenchmark("flash", BM_flash)->ArgNames(shape_arg_names)->Args(args), repetitions);
+      if (n <= 4096) {
+        configure(benchmark::RegisterBenchmark("backward", BM_backward)->ArgNames(shape_arg_names)->Args(args),
+                  repetitions);
+      }
     }
   }
 }

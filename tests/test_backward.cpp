@@ -315,6 +315,35 @@ TEMPLATE_TEST_CASE("PyTorch's autograd: the gradients of every fixture", "[backw
   }
 }
 
+TEMPLATE_TEST_CASE("masked keys' and empty rows' garbage passes no gradient", "[backward][nonfinite]", float,
+                   double) {
+  using Scalar = TestType;
+  const Index n_q = 9, n_k = 14, d = 4, valid = 10;
+  const Matrix<Scalar> q = attn_test::random_matrix<Scalar>(n_q, d, 23);
+  const Matrix<Scalar> k = attn_test::random_matrix<Scalar>(n_k, d, 24);
+  const Matrix<Scalar> v = attn_test::random_matrix<Scalar>(n_k, d, 25);
+  const Matrix<Scalar> d_out = attn_test::random_matrix<Scalar>(n_q, d, 26);
+  attn_test::BoolMatrix keep = attn_test::BoolMatrix::Constant(n_q, n_k, true);
+  keep.row(4).setConstant(false);  // row 4 attends nothing: its query and d_out may be garbage
+  attn::AttentionOptions<Scalar> options;
+  options.valid_keys = valid;
+  options.mask = keep;
+  Matrix<Scalar> bad_q = q, bad_k = k, bad_v = v, bad_d_out = d_out;
+  bad_k.bottomRows(n_k - valid).setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+  bad_v.bottomRows(n_k - valid).setConstant(std::numeric_limits<Scalar>::infinity());
+  bad_q.row(4).setConstant(std::numeric_limits<Scalar>::infinity());
+  bad_d_out.row(4).setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+  const auto clean = attn::flash_attention_backward<4, 4>(q, k, v, attn::Heads{}, d_out, options);
+  const auto dirty = attn::flash_attention_backward<4, 4>(bad_q, bad_k, bad_v, attn::Heads{}, bad_d_out, options);
+  const double tolerance = attn_test::tolerance<Scalar>(d, n_q + n_k, 4.0);
+  CHECK(attn_test::max_abs_difference(dirty.dq, clean.dq) <= tolerance);
+  CHECK(attn_test::max_abs_difference(dirty.dk, clean.dk) <= tolerance);
+  CHECK(attn_test::max_abs_difference(dirty.dv, clean.dv) <= tolerance);
+  CHECK(dirty.dk.bottomRows(n_k - valid).isZero(0));
+  CHECK(dirty.dv.bottomRows(n_k - valid).isZero(0));
+  CHECK(dirty.dq.row(4).isZero(0));
+}
+
 TEST_CASE("backward: a clear error for every mismatched operand", "[backward][errors]") {
   const Eigen::MatrixXf q = Eigen::MatrixXf::Ones(3, 4), k = Eigen::MatrixXf::Ones(5, 4), v = Eigen::MatrixXf::Ones(5, 2);
   const Eigen::MatrixXf d_out = Eigen::MatrixXf::Ones(3, 3);

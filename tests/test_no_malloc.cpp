@@ -171,6 +171,40 @@ TEMPLATE_TEST_CASE("with its default tiles the kernel never allocates, for head 
   CHECK(out == first);
 }
 
+TEMPLATE_TEST_CASE("a training loop's backward pass reuses its workspace and gradients without allocating",
+                   "[no_malloc][backward]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  // Default tiles, head widths up to 256, grouped-query heads, partial tiles at both ends;
+  // with and without the forward's out and lse (recomputed in the workspace when absent).
+  const Index width = GENERATE(32, 128, 256);
+  INFO("d = " << width);
+  const Index n = 150;
+  const attn::Heads heads{2, 1};
+  const Matrix q = attn_test::random_matrix<Scalar>(n, 2 * width, 31);
+  const Matrix k = attn_test::random_matrix<Scalar>(n, width, 32);
+  const Matrix v = attn_test::random_matrix<Scalar>(n, width, 33);
+  const Matrix d_out = attn_test::random_matrix<Scalar>(n, 2 * width, 34);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = true;
+  attn::Workspace<Scalar> forward_workspace;
+  Matrix out, lse;
+  attn::flash_attention_into(q, k, v, heads, options, out, lse, forward_workspace);
+  attn::BackwardInputs<Scalar> kept;
+  kept.out = out;
+  kept.lse = lse;
+  attn::BackwardWorkspace<Scalar> workspace;
+  attn::AttentionGradients<Scalar> gradients;
+  attn::flash_attention_backward_into(q, k, v, heads, options, d_out, gradients, workspace);
+  const Matrix first_dq = gradients.dq;
+  {
+    HeapForbidden forbidden;
+    REQUIRE_NOTHROW(attn::flash_attention_backward_into(q, k, v, heads, options, d_out, gradients, workspace));
+    REQUIRE_NOTHROW(attn::flash_attention_backward_into(q, k, v, heads, options, d_out, gradients, workspace, kept));
+  }
+  CHECK(gradients.dq == first_dq);
+}
+
 // ---- Positions (rope.hpp, alibi.hpp): RoPE in place and the ALiBi modifier ---------------
 
 TEMPLATE_TEST_CASE("RoPE in place and ALiBi in the tiled kernel allocate nothing", "[no_malloc][rope][alibi]", float,

@@ -311,10 +311,23 @@ auto load_backward_queries(const Problem& problem, BackwardSlot<Scalar>& slot, E
   return queries;
 }
 
+/// target += weightsᵀ·rows (target.row(c) += weights(r, c)·rows.row(r)), reading no row
+/// whose weight is 0: the slow path for a block whose gradients came out non-finite, where
+/// a masked key's or an empty row's garbage (NaN, ∞) may have entered through 0·∞.
+template <typename Weights, typename Rows, typename Target>
+void add_transposed_product_skipping_zeros(const Weights& weights, const Rows& rows, Target&& target) {
+  for (Eigen::Index r = 0; r < weights.rows(); ++r) {
+    for (Eigen::Index c = 0; c < weights.cols(); ++c) {
+      if (weights(r, c) != 0) target.row(c) += weights(r, c) * rows.row(r);
+    }
+  }
+}
+
 /// The key pass's item: key block `block` of kv head `kv_head` owns dK and dV's rows
 /// there. It visits its group's query heads in order, and each head's query blocks that
 /// may attend one of its keys in order: a fixed order of sums whatever the threads.
-template <typename Problem, typename Scalar, typename RowTerms, typename DK, typename DV>
+/// `SkipZeros` is the slow path of `add_transposed_product_skipping_zeros`.
+template <bool SkipZeros = false, typename Problem, typename Scalar, typename RowTerms, typename DK, typename DV>
 void backward_key_block(const Problem& problem, BackwardSlot<Scalar>& slot, Eigen::Index kv_head, Eigen::Index block,
                         const RowTerms& row_terms, DK& dk, DV& dv) {
   const BackwardPlan& plan = problem.plan;
@@ -335,15 +348,28 @@ void backward_key_block(const Problem& problem, BackwardSlot<Scalar>& slot, Eige
       const Eigen::Index rows = std::min(plan.block_q, plan.n_q - first_query);
       const auto queries = load_backward_queries(problem, slot, head, first_query, rows);
       const auto [weights, d_scores] = backward_tile(problem, slot, queries, head, first_query, first_key, cols, row_terms);
-      dv_block.noalias() += weights.transpose() * problem.d_out.block(first_query, head * plan.d_v, rows, plan.d_v);
-      dk_block.noalias() += key_scale * (d_scores.transpose() * queries);
+      const auto d_out = problem.d_out.block(first_query, head * plan.d_v, rows, plan.d_v);
+      if constexpr (SkipZeros) {
+        add_transposed_product_skipping_zeros(weights, d_out, dv_block);
+        add_transposed_product_skipping_zeros(key_scale * d_scores, queries, dk_block);
+      } else {
+        dv_block.noalias() += weights.transpose() * d_out;
+        dk_block.noalias() += key_scale * (d_scores.transpose() * queries);
+      }
+    }
+  }
+  // Non-finite values stay non-finite: one check at the end finds every block that may
+  // have read garbage, and the rerun decides which gradients really are.
+  if constexpr (!SkipZeros) {
+    if (!dk_block.allFinite() || !dv_block.allFinite()) {
+      backward_key_block<true>(problem, slot, kv_head, block, row_terms, dk, dv);
     }
   }
 }
 
 /// The query pass's item: query block `block` of `head` owns dQ's rows there, summed over
-/// the keys its rows may attend, in order.
-template <typename Problem, typename Scalar, typename RowTerms, typename DQ>
+/// the keys its rows may attend, in order. `SkipZeros`: as for `backward_key_block`.
+template <bool SkipZeros = false, typename Problem, typename Scalar, typename RowTerms, typename DQ>
 void backward_query_block(const Problem& problem, BackwardSlot<Scalar>& slot, Eigen::Index head, Eigen::Index block,
                           const RowTerms& row_terms, DQ& dq) {
   const BackwardPlan& plan = problem.plan;
@@ -361,8 +387,15 @@ void backward_query_block(const Problem& problem, BackwardSlot<Scalar>& slot, Ei
     const Eigen::Index cols = std::min(plan.block_k, plan.n_k - first_key);
     const auto [weights, d_scores] = backward_tile(problem, slot, queries, head, first_query, first_key, cols, row_terms);
     (void)weights;
-    dq_block.noalias() +=
-        problem.scale * (d_scores * problem.k.block(first_key, kv_head * plan.d_k, cols, plan.d_k));
+    const auto keys = problem.k.block(first_key, kv_head * plan.d_k, cols, plan.d_k);
+    if constexpr (SkipZeros) {
+      add_transposed_product_skipping_zeros((problem.scale * d_scores).transpose(), keys, dq_block);
+    } else {
+      dq_block.noalias() += problem.scale * (d_scores * keys);
+    }
+  }
+  if constexpr (!SkipZeros) {
+    if (!dq_block.allFinite()) backward_query_block<true>(problem, slot, head, block, row_terms, dq);
   }
 }
 
