@@ -5,8 +5,6 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -14,6 +12,7 @@
 #include <attn/npy.hpp>
 
 #include "attn_test.hpp"
+#include "fixture_files.hpp"
 #include "reference.hpp"
 
 namespace fs = std::filesystem;
@@ -78,15 +77,6 @@ void set_mask_case(MaskCase<Scalar>& c, const std::string& name, Index n_q, Inde
   }
 }
 
-std::map<std::string, Index> read_config(const fs::path& directory) {
-  std::ifstream file(directory / "config.txt");
-  REQUIRE(file.good());
-  std::map<std::string, Index> config;
-  std::string key;
-  Index value = 0;
-  while (file >> key >> value) config[key] = value;
-  return config;
-}
 
 }  // namespace
 
@@ -267,8 +257,8 @@ TEMPLATE_TEST_CASE("PyTorch's autograd: the gradients of every fixture", "[backw
                                       "multi_head", "grouped_query", "multi_query_decode", "lse_grad", "scale",
                                       "causal_more_queries", "everything", "large");
   INFO("fixture: " << config);
-  const fs::path directory = fs::path(__FILE__).parent_path() / "fixtures" / "torch_grad" / config;
-  const auto settings = read_config(directory);
+  const fs::path directory = attn_test::fixture_directory("torch_grad", config);
+  const auto settings = attn_test::read_config(directory);
   // The inputs are float32 numbers in both files: the same inputs for both scalars.
   const auto load = [&](const std::string& name) { return attn::npy::load<Scalar>(directory / (name + ".npy")); };
   const auto load_result = [&](const std::string& name) {

@@ -16,6 +16,7 @@
 #include <attn/npy.hpp>
 
 #include "attn_test.hpp"
+#include "fixture_files.hpp"
 #include "reference.hpp"
 
 using attn_test::ContainsSubstring;
@@ -36,20 +37,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path torch_fixture(const std::string& config) {
-  return fs::path(__FILE__).parent_path() / "fixtures" / "torch" / config;
-}
+fs::path torch_fixture(const std::string& config) { return attn_test::fixture_directory("torch", config); }
 
-/// config.txt: one "key value" line per setting, written by make_torch_fixtures.py.
-std::map<std::string, Index> read_config(const fs::path& directory) {
-  std::ifstream file(directory / "config.txt");
-  REQUIRE(file.good());
-  std::map<std::string, Index> config;
-  std::string key;
-  Index value = 0;
-  while (file >> key >> value) config[key] = value;
-  return config;
-}
+using attn_test::read_config;
 
 template <typename Scalar>
 Matrix<Scalar> load(const fs::path& directory, const std::string& name) {
