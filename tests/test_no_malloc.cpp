@@ -205,6 +205,32 @@ TEMPLATE_TEST_CASE("a training loop's backward pass reuses its workspace and gra
   CHECK(gradients.dq == first_dq);
 }
 
+TEMPLATE_TEST_CASE("MultiHeadAttention::backward_into reuses its workspace and gradients without allocating",
+                   "[no_malloc][multi_head][backward]", float, double) {
+  using Scalar = TestType;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  attn::MultiHeadOptions shape;
+  shape.num_kv_heads = 2;
+  shape.rope = attn::Rope{};
+  shape.alibi = true;
+  attn::MultiHeadAttention<Scalar> module(32, 4, shape);
+  module.set_weights(attn_test::random_matrix<Scalar>(32, 32, 61), attn_test::random_matrix<Scalar>(32, 16, 62),
+                     attn_test::random_matrix<Scalar>(32, 16, 63), attn_test::random_matrix<Scalar>(32, 32, 64));
+  const Matrix x = attn_test::random_matrix<Scalar>(40, 32, 65);
+  const Matrix d_out = attn_test::random_matrix<Scalar>(40, 32, 66);
+  attn::AttentionOptions<Scalar> options;
+  options.causal = true;
+  attn::MultiHeadBackwardWorkspace<Scalar> workspace;
+  attn::MultiHeadGradients<Scalar> gradients;
+  module.backward_into(x, x, x, options, d_out, gradients, workspace);
+  const Matrix first = gradients.query_weight;
+  {
+    HeapForbidden forbidden;
+    REQUIRE_NOTHROW(module.backward_into(x, x, x, options, d_out, gradients, workspace));
+  }
+  CHECK(gradients.query_weight == first);
+}
+
 // ---- Positions (rope.hpp, alibi.hpp): RoPE in place and the ALiBi modifier ---------------
 
 TEMPLATE_TEST_CASE("RoPE in place and ALiBi in the tiled kernel allocate nothing", "[no_malloc][rope][alibi]", float,

@@ -200,6 +200,33 @@ TEST_CASE("MultiHeadAttention: batches give the same bits on any thread count",
 
 }
 
+TEST_CASE("MultiHeadAttention::backward: the same bits on any thread count", "[threads][multi_head][backward]") {
+  using Matrix = Eigen::MatrixXf;
+  attn::MultiHeadOptions shape;
+  shape.num_kv_heads = 2;
+  shape.rope = attn::Rope{};
+  attn::MultiHeadAttentionf module(32, 4, shape);
+  module.set_weights(attn_test::random_matrix<float>(32, 32, 51), attn_test::random_matrix<float>(32, 16, 52),
+                     attn_test::random_matrix<float>(32, 16, 53), attn_test::random_matrix<float>(32, 32, 54));
+  const Matrix x = attn_test::random_matrix<float>(200, 32, 55);
+  const Matrix d_out = attn_test::random_matrix<float>(200, 32, 56);
+  attn::AttentionOptionsf options;
+  options.causal = true;
+  attn::MultiHeadBackwardWorkspacef workspace;
+  attn::MultiHeadGradients<float> sequential, parallel;
+  module.backward_into(x, x, x, options, d_out, sequential, workspace);
+  for (const int threads : {2, 3, 4}) {
+    INFO(threads << " threads");
+    options.num_threads = threads;
+    module.backward_into(x, x, x, options, d_out, parallel, workspace);
+    CHECK(parallel.d_query == sequential.d_query);
+    CHECK(parallel.d_key == sequential.d_key);
+    CHECK(parallel.query_weight == sequential.query_weight);
+    CHECK(parallel.key_weight == sequential.key_weight);
+    CHECK(parallel.value_weight == sequential.value_weight);
+  }
+}
+
 TEST_CASE("decode steps: the same bits on any thread count, and scratch sized once", "[threads][multi_head][decode]") {
   using Matrix = Eigen::MatrixXf;
   // Multi-query attention: its single KV head makes the fewest work items, so the thread

@@ -74,6 +74,12 @@ struct AlibiScoreMod {
     const Eigen::Index distance = query + query_offset - key;
     return score - slopes[head * slope_stride] * static_cast<Scalar>(distance < 0 ? -distance : distance);
   }
+
+  /// d score_mod / d score, for the backward pass: an added bias passes the gradient as is.
+  Scalar derivative(Scalar /*score*/, Eigen::Index /*query*/, Eigen::Index /*key*/,
+                    Eigen::Index /*head*/) const noexcept {
+    return Scalar(1);
+  }
 };
 
 /// The ALiBi modifier for n_q queries over n_k keys, aligned bottom-right (query_offset =

@@ -9,9 +9,10 @@
 /// The attention itself runs in the tiled kernel (flash.hpp): no n_q×n_k matrix exists
 /// unless the attention weights are asked for. The module's parts live in multi_head/: its
 /// parameters and how they are loaded (parameters.hpp), what it computes (module.hpp),
-/// batches (batch.hpp) and the decode step (decode.hpp).
+/// batches (batch.hpp), the decode step (decode.hpp) and the gradients (backward.hpp).
 
 #include "multi_head/parameters.hpp"
 #include "multi_head/module.hpp"
 #include "multi_head/batch.hpp"
 #include "multi_head/decode.hpp"
+#include "multi_head/backward.hpp"

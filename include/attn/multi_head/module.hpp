@@ -23,6 +23,11 @@
 
 namespace attn {
 
+template <typename Scalar>
+struct MultiHeadGradients;
+template <typename Scalar>
+struct MultiHeadBackwardWorkspace;
+
 /// Which attention weights `MultiHeadAttention::forward` hands back, as PyTorch's
 /// `average_attn_weights`: the mean over heads (n_q×n_k), or every head's, stacked as
 /// (H·n_q)×n_k with head h in rows [h·n_q, (h+1)·n_q) (PyTorch's (H, n_q, n_k) in C order).
@@ -77,7 +82,7 @@ class MultiHeadAttention : public MultiHeadParameters<Scalar> {
   using typename Parameters::Matrix;
   using typename Parameters::RowVector;
   using Parameters::Parameters;
-  using Parameters::embed_dim, Parameters::head_dim, Parameters::kdim, Parameters::kv_width, Parameters::num_heads,
+  using Parameters::embed_dim, Parameters::has_bias, Parameters::head_dim, Parameters::kdim, Parameters::kv_width, Parameters::num_heads,
       Parameters::num_kv_heads, Parameters::vdim, Parameters::rope, Parameters::alibi_slopes;
   using Parameters::query_weight, Parameters::key_weight, Parameters::value_weight, Parameters::output_weight;
   using Parameters::query_bias, Parameters::key_bias, Parameters::value_bias, Parameters::output_bias;
@@ -187,6 +192,26 @@ class MultiHeadAttention : public MultiHeadParameters<Scalar> {
   std::vector<Matrix> forward_batch(const std::vector<SequenceQ>& queries, const std::vector<SequenceK>& keys,
                                     const std::vector<SequenceV>& values,
                                     const AttentionOptions<Scalar>& options = {}) const;
+
+  /// The gradients of a loss through `forward(query, key, value, options)`, given
+  /// dLoss/dout (n_q×E): of the three inputs and of every parameter (`MultiHeadGradients`,
+  /// in attn's layout, with PyTorch's at hand), through the projections, RoPE, ALiBi, GQA
+  /// and every mask. The forward is recomputed (its activations are not kept), then the
+  /// tiled backward pass runs: bitwise the same at any `options.num_threads`. For
+  /// self-attention, the input's gradient is d_query + d_key + d_value. Defined in
+  /// multi_head/backward.hpp.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV, typename DerivedDOut>
+  void backward_into(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
+                     const Eigen::MatrixBase<DerivedV>& value, const AttentionOptions<Scalar>& options,
+                     const Eigen::MatrixBase<DerivedDOut>& d_out, MultiHeadGradients<Scalar>& gradients,
+                     MultiHeadBackwardWorkspace<Scalar>& workspace) const;
+
+  /// As above, as new matrices (allocates; training loops should call `backward_into`).
+  template <typename DerivedQ, typename DerivedK, typename DerivedV, typename DerivedDOut>
+  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
+                                      const Eigen::MatrixBase<DerivedV>& value,
+                                      const Eigen::MatrixBase<DerivedDOut>& d_out,
+                                      const AttentionOptions<Scalar>& options = {}) const;
 
   /// A KV cache shaped for this module: `num_layers` layers of `capacity` tokens.
   KVCache<Scalar> make_cache(Eigen::Index num_layers, Eigen::Index capacity,
