@@ -87,9 +87,9 @@ TEMPLATE_TEST_CASE("results are bitwise identical whatever the thread count", "[
         attn_test::tolerance<Scalar>(d, n_k, 2.0 * std::sqrt(double(d))));
 }
 
-TEMPLATE_TEST_CASE("the backward pass gives the same bits whatever the thread count", "[threads][backward]", float,
-                   double) {
-  using Scalar = TestType;
+TEST_CASE("the backward pass gives the same bits whatever the thread count", "[threads][backward]") {
+  // float only: double runs the same passes over the same explicit tiles.
+  using Scalar = float;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
   const bool causal = GENERATE(false, true);
   INFO("causal=" << causal);
