@@ -150,7 +150,7 @@ TEMPLATE_TEST_CASE("grouped-query and multi-query heads: dK and dV sum over the 
   const Matrix<Scalar> d_out = attn_test::random_matrix<Scalar>(n_q, num_heads * d_v, 12);
   attn::AttentionOptions<Scalar> options;
   options.causal = causal;
-  const auto g = attn::flash_attention_backward<4, 8>(q, k, v, attn::Heads{num_heads, num_kv_heads}, d_out, options);
+  const auto g = attn::flash_attention_backward<8, 16>(q, k, v, attn::Heads{num_heads, num_kv_heads}, d_out, options);
   REQUIRE(g.dq.rows() == n_q);
   REQUIRE(g.dk.cols() == num_kv_heads * d_k);
   Eigen::MatrixXd dk = Eigen::MatrixXd::Zero(n_k, num_kv_heads * d_k);
@@ -239,7 +239,7 @@ TEST_CASE("a score modifier's derivative carries the gradient through it", "[bac
   const Eigen::MatrixXd d_out = attn_test::random_matrix<double>(n_q, d, 21);
   const attn::Mods mods{SoftCap{}, attn::NoMaskMod{}};
   attn::AttentionOptionsd options;
-  const auto g = attn::flash_attention_backward<4, 4>(q, k, v, attn::Heads{}, d_out, options, {}, mods);
+  const auto g = attn::flash_attention_backward<8, 16>(q, k, v, attn::Heads{}, d_out, options, {}, mods);
   // Finite differences of the soft-capped forward, through the tiled kernel itself.
   const auto loss_of = [&](const Eigen::MatrixXd& qq, const Eigen::MatrixXd& kk) {
     return (attn::flash_attention(qq, kk, v, attn::Heads{}, options, mods).array() * d_out.array()).sum();
@@ -286,7 +286,7 @@ TEMPLATE_TEST_CASE("PyTorch's autograd: the gradients of every fixture", "[backw
     inputs.d_lse = d_lse;
   }
   const attn::Heads heads{settings.at("num_heads"), settings.at("num_kv_heads")};
-  const auto g = attn::flash_attention_backward<4, 8>(q, k, v, heads, d_out, options, inputs);
+  const auto g = attn::flash_attention_backward<8, 16>(q, k, v, heads, d_out, options, inputs);
   const Index n = std::max(settings.at("n_q"), settings.at("n_k"));
   // PyTorch's float32 numbers carry their own rounding: compare float with float within
   // twice the suite's bound, double with double within it.
@@ -323,8 +323,8 @@ TEMPLATE_TEST_CASE("masked keys' and empty rows' garbage passes no gradient", "[
   bad_v.bottomRows(n_k - valid).setConstant(std::numeric_limits<Scalar>::infinity());
   bad_q.row(4).setConstant(std::numeric_limits<Scalar>::infinity());
   bad_d_out.row(4).setConstant(std::numeric_limits<Scalar>::quiet_NaN());
-  const auto clean = attn::flash_attention_backward<4, 4>(q, k, v, attn::Heads{}, d_out, options);
-  const auto dirty = attn::flash_attention_backward<4, 4>(bad_q, bad_k, bad_v, attn::Heads{}, bad_d_out, options);
+  const auto clean = attn::flash_attention_backward<8, 16>(q, k, v, attn::Heads{}, d_out, options);
+  const auto dirty = attn::flash_attention_backward<8, 16>(bad_q, bad_k, bad_v, attn::Heads{}, bad_d_out, options);
   const double tolerance = attn_test::tolerance<Scalar>(d, n_q + n_k, 4.0);
   CHECK(attn_test::max_abs_difference(dirty.dq, clean.dq) <= tolerance);
   CHECK(attn_test::max_abs_difference(dirty.dk, clean.dk) <= tolerance);
