@@ -88,6 +88,49 @@ void grow_to(Matrix& matrix, Eigen::Index rows, Eigen::Index cols) {
   }
 }
 
+/// True for a matrix stored in memory with unit inner stride (a Matrix, Map or Ref, or a
+/// block of whole columns of a column-major one, of whole rows of a row-major one).
+template <typename Derived>
+inline constexpr bool is_unit_stride_v =
+    (Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
+
+/// The one type the kernels see for every operand stored with unit inner stride: a map of
+/// its storage order with a run-time outer stride.
+template <typename Scalar, bool RowMajor, typename Element = const Scalar>
+using strided_map = Eigen::Map<std::conditional_t<std::is_const_v<Element>,
+                                                  const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic,
+                                                                      RowMajor ? Eigen::RowMajor : Eigen::ColMajor>,
+                                                  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic,
+                                                                RowMajor ? Eigen::RowMajor : Eigen::ColMajor>>,
+                               Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// An operand as the kernels take it: a Matrix, a block of one, a Map or a Ref all become
+/// the same `strided_map` (no copy), so the tile code is compiled once per storage order
+/// instead of once per operand type: a test or a program passing five kinds of matrix
+/// compiles the kernel twice, not five times. An expression without storage (`2 * q`)
+/// passes through as it is, read where the kernel reads it.
+template <typename Derived>
+decltype(auto) kernel_operand(const Eigen::MatrixBase<Derived>& operand) {
+  if constexpr (is_unit_stride_v<Derived>) {
+    return strided_map<typename Derived::Scalar, Derived::IsRowMajor>(
+        operand.derived().data(), operand.rows(), operand.cols(), Eigen::OuterStride<>(operand.derived().outerStride()));
+  } else {
+    return operand.derived();
+  }
+}
+
+/// The same for an output the kernels write: a map of it, or the output itself.
+template <typename Out>
+decltype(auto) kernel_output(Out& out) {
+  if constexpr (is_unit_stride_v<Out>) {
+    using Scalar = typename Out::Scalar;
+    return strided_map<Scalar, Out::IsRowMajor, Scalar>(out.data(), out.rows(), out.cols(),
+                                                        Eigen::OuterStride<>(out.outerStride()));
+  } else {
+    return (out);
+  }
+}
+
 /// Eigen refuses to mix scalars too, but with a page of template errors; say it in a line.
 template <typename First, typename... Rest>
 constexpr void require_same_scalar() noexcept {

@@ -114,7 +114,7 @@ class BackwardWorkspace {
 
   Workspace<Scalar> forward_;
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> out_;                    // (n_q × H·d_v), recomputed
-  detail::row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> lse_;        // (n_q × H), recomputed
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> lse_;                    // (n_q × H), recomputed
   detail::row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> row_terms_;  // (n_q × H): Δ, and L's shift
   std::vector<detail::BackwardSlot<Scalar>> slots_;
 };
@@ -416,20 +416,19 @@ void compute_row_terms(const BackwardPlan& plan, const DOut& d_out, const Out& o
   }
 }
 
-/// The tiled backward pass after its checks: the caller has checked the operands and the
-/// options and sized dq, dk, dv like q, k, v. `out`/`lse` are the forward's, when given.
-template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK, typename DerivedV, typename DerivedDOut,
-          typename Scalar, typename ScoreMod, typename MaskMod, typename DQ, typename DK, typename DV>
-void flash_attention_backward_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
-                                        const Eigen::MatrixBase<DerivedV>& v,
-                                        const Eigen::MatrixBase<DerivedDOut>& d_out, Heads heads,
-                                        const AttentionOptions<Scalar>& options, const BackwardInputs<Scalar>& inputs,
-                                        const Mods<ScoreMod, MaskMod>& mods, DQ& dq, DK& dk, DV& dv,
-                                        BackwardWorkspace<Scalar>& workspace) {
+/// The backward pass on operands as the kernels take them (`kernel_operand`).
+template <typename DerivedQ, typename DerivedK, typename DerivedV, typename DerivedDOut, typename Scalar,
+          typename ScoreMod, typename MaskMod, typename DQ, typename DK, typename DV>
+void run_flash_attention_backward(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                                  const Eigen::MatrixBase<DerivedV>& v, const Eigen::MatrixBase<DerivedDOut>& d_out,
+                                  Heads heads, const AttentionOptions<Scalar>& options,
+                                  const BackwardInputs<Scalar>& inputs, const Mods<ScoreMod, MaskMod>& mods, DQ& dq,
+                                  DK& dk, DV& dv, BackwardWorkspace<Scalar>& workspace, Eigen::Index block_q,
+                                  Eigen::Index block_k) {
   const Eigen::Index d_k = q.cols() / heads.num_heads;
   const Eigen::Index d_v = v.cols() / heads.num_kv_heads;
   const BackwardPlan plan =
-      plan_backward<Scalar>(q.rows(), k.rows(), heads, d_k, d_v, options.num_threads, BlockQ, BlockK);
+      plan_backward<Scalar>(q.rows(), k.rows(), heads, d_k, d_v, options.num_threads, block_q, block_k);
   BackwardAccess::reserve(workspace, plan, !is_identity_mod<ScoreMod>::value);
   auto row_terms = BackwardAccess::row_terms(workspace, plan);
   if (inputs.out.empty()) {
@@ -451,6 +450,23 @@ void flash_attention_backward_unchecked(const Eigen::MatrixBase<DerivedQ>& q, co
     backward_query_block(problem, BackwardAccess::slot(workspace, thread), item / plan.query_blocks,
                          item % plan.query_blocks, row_terms, dq);
   });
+}
+
+/// The tiled backward pass after its checks: the caller has checked the operands and the
+/// options and sized dq, dk, dv like q, k, v. `out`/`lse` are the forward's, when given.
+template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK, typename DerivedV, typename DerivedDOut,
+          typename Scalar, typename ScoreMod, typename MaskMod, typename DQ, typename DK, typename DV>
+void flash_attention_backward_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                                        const Eigen::MatrixBase<DerivedV>& v,
+                                        const Eigen::MatrixBase<DerivedDOut>& d_out, Heads heads,
+                                        const AttentionOptions<Scalar>& options, const BackwardInputs<Scalar>& inputs,
+                                        const Mods<ScoreMod, MaskMod>& mods, DQ& dq, DK& dk, DV& dv,
+                                        BackwardWorkspace<Scalar>& workspace) {
+  decltype(auto) dq_map = kernel_output(dq);
+  decltype(auto) dk_map = kernel_output(dk);
+  decltype(auto) dv_map = kernel_output(dv);
+  run_flash_attention_backward(kernel_operand(q), kernel_operand(k), kernel_operand(v), kernel_operand(d_out), heads,
+                               options, inputs, mods, dq_map, dk_map, dv_map, workspace, BlockQ, BlockK);
 }
 
 }  // namespace attn::detail

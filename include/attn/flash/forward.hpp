@@ -81,19 +81,16 @@ void merge_key_chunks(const TilePlan& plan, Workspace<Scalar>& workspace, Out& o
   });
 }
 
-/// The tiled kernel's one unchecked entry: plan, reserve, run, merge. The caller has
-/// checked the operands and the options and sized `out` (n_q×(H·d_v)) and `lse` (n_q×H).
-template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK, typename DerivedV, typename Scalar,
-          typename ScoreMod, typename MaskMod, typename Out, typename Lse>
-void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
-                               const Eigen::MatrixBase<DerivedV>& v, Heads heads,
-                               const AttentionOptions<Scalar>& options, const Mods<ScoreMod, MaskMod>& mods, Out& out,
-                               Lse& lse, Workspace<Scalar>& workspace) {
-  static_assert(BlockQ >= 0 && BlockK >= 0,
-                "attn::flash_attention: tile sizes must be positive (or 0 for the default)");
+/// Plan, reserve, run, merge, on operands as the kernels take them (`kernel_operand`).
+template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Scalar, typename ScoreMod,
+          typename MaskMod, typename Out, typename Lse>
+void run_flash_attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                         const Eigen::MatrixBase<DerivedV>& v, Heads heads, const AttentionOptions<Scalar>& options,
+                         const Mods<ScoreMod, MaskMod>& mods, Out& out, Lse& lse, Workspace<Scalar>& workspace,
+                         Eigen::Index block_q, Eigen::Index block_k) {
   const Eigen::Index d_k = q.cols() / heads.num_heads;
   const Eigen::Index d_v = v.cols() / heads.num_kv_heads;
-  const TilePlan plan = plan_attention(q.rows(), k.rows(), heads, d_k, d_v, options, BlockQ, BlockK);
+  const TilePlan plan = plan_attention(q.rows(), k.rows(), heads, d_k, d_v, options, block_q, block_k);
   WorkspaceAccess::start_call(workspace);
   if (plan.items == 0) return;
   workspace.reserve(plan);
@@ -102,6 +99,22 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
       options.scale ? *options.scale : default_scale<Scalar>(d_k), heads.num_heads / heads.num_kv_heads};
   run_work_items(problem, workspace, out, lse);
   if (plan.splits_keys()) merge_key_chunks(plan, workspace, out, lse);
+}
+
+/// The tiled kernel's one unchecked entry. The caller has checked the operands and the
+/// options and sized `out` (n_q×(H·d_v)) and `lse` (n_q×H).
+template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK, typename DerivedV, typename Scalar,
+          typename ScoreMod, typename MaskMod, typename Out, typename Lse>
+void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
+                               const Eigen::MatrixBase<DerivedV>& v, Heads heads,
+                               const AttentionOptions<Scalar>& options, const Mods<ScoreMod, MaskMod>& mods, Out& out,
+                               Lse& lse, Workspace<Scalar>& workspace) {
+  static_assert(BlockQ >= 0 && BlockK >= 0,
+                "attn::flash_attention: tile sizes must be positive (or 0 for the default)");
+  decltype(auto) out_map = kernel_output(out);
+  decltype(auto) lse_map = kernel_output(lse);
+  run_flash_attention(kernel_operand(q), kernel_operand(k), kernel_operand(v), heads, options, mods, out_map, lse_map,
+                      workspace, BlockQ, BlockK);
 }
 
 /// As above, with the log-sum-exp written to the workspace's scratch, for callers who want

@@ -86,7 +86,7 @@ class Workspace {
   std::vector<detail::TileSlot<Scalar>> slots_;
   detail::row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> partial_out_;  // (plan.partial_rows() × d_v)
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> partial_lse_;                          // (plan.partial_rows())
-  detail::row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> lse_;          // (n_q × H)
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> lse_;                     // (n_q × H)
 };
 
 using Workspacef = Workspace<float>;
