@@ -119,6 +119,49 @@ Eigen::MatrixXd values_2x3() {
   return m;
 }
 
+/// A half matrix from IEEE binary16 bit patterns, listed row by row.
+Matrix<Eigen::half> half_matrix_from_bits(Index rows, Index cols, const std::vector<std::uint16_t>& bits) {
+  REQUIRE(bits.size() == static_cast<std::size_t>(rows * cols));
+  Matrix<Eigen::half> m(rows, cols);
+  for (Index r = 0; r < rows; ++r) {
+    for (Index c = 0; c < cols; ++c) {
+      m(r, c) = Eigen::numext::bit_cast<Eigen::half>(bits[static_cast<std::size_t>(r * cols + c)]);
+    }
+  }
+  return m;
+}
+
+/// The bit patterns of a half matrix, row by row: compared as integers, so that -0, NaN
+/// and its payload count, and Catch2 prints them.
+std::vector<std::uint16_t> bits_by_rows(const Matrix<Eigen::half>& m) {
+  std::vector<std::uint16_t> bits(static_cast<std::size_t>(m.size()));
+  for (Index r = 0; r < m.rows(); ++r) {
+    for (Index c = 0; c < m.cols(); ++c) {
+      bits[static_cast<std::size_t>(r * m.cols() + c)] = Eigen::numext::bit_cast<std::uint16_t>(m(r, c));
+    }
+  }
+  return bits;
+}
+
+bool is_half_nan(std::uint16_t bits) { return (bits & 0x7fff) > 0x7c00; }
+
+/// IEEE binary16 `bits` decoded from the definition, in double: a sign, 5 exponent bits
+/// biased by 15 and 10 fraction bits; exponent 0 is subnormal, 0.f × 2^-14; 31 is inf
+/// (fraction 0) or NaN.
+double binary16_value(std::uint16_t bits) {
+  const double sign = (bits & 0x8000) != 0 ? -1.0 : 1.0;
+  const int exponent = (bits >> 10) & 0x1f;
+  const auto fraction = static_cast<double>(bits & 0x3ff);
+  if (exponent == 0x1f) return fraction == 0 ? sign * std::numeric_limits<double>::infinity() : std::nan("");
+  if (exponent == 0) return sign * std::ldexp(fraction, -24);
+  return sign * std::ldexp(1024 + fraction, exponent - 25);
+}
+
+/// The bits of v1_f2_c_2x4.npy's values, as make_fixtures.py spells them: 1.5, -2.25,
+/// 65504 (half's largest), 0.1 rounded to half (0.0999755859375), -0.0, 2^-24 (the
+/// smallest subnormal), inf and NaN.
+const std::vector<std::uint16_t> f2_2x4_bits = {0x3e00, 0xc080, 0x7bff, 0x2e66, 0x8000, 0x0001, 0x7c00, 0x7e00};
+
 }  // namespace
 
 static_assert(std::is_base_of_v<std::runtime_error, attn::npy_error>,
@@ -256,6 +299,156 @@ TEST_CASE("a fixed-size row vector is saved as 1 x n and loads back so", "[npy]"
   CHECK(same_bits(m, row));
 }
 
+TEST_CASE("NumPy's float16 files load with their exact values, as half, float and double", "[npy][half]") {
+  SECTION("version 1.0, C order, as written by np.save") {
+    const Matrix<Eigen::half> h = attn::npy::load<Eigen::half>(fixture("v1_f2_c_2x4.npy"));
+    REQUIRE(h.rows() == 2);
+    REQUIRE(h.cols() == 4);
+    CHECK(bits_by_rows(h) == f2_2x4_bits);
+
+    // Every half is a float and a double: NumPy's astype('<f4') and astype('<f8') are exact.
+    const Eigen::MatrixXd d = attn::npy::load<double>(fixture("v1_f2_c_2x4.npy"));
+    REQUIRE(d.rows() == 2);
+    REQUIRE(d.cols() == 4);
+    CHECK(d(0, 0) == 1.5);
+    CHECK(d(0, 1) == -2.25);
+    CHECK(d(0, 2) == 65504.0);
+    CHECK(d(0, 3) == 0.0999755859375);
+    CHECK(d(1, 0) == 0.0);
+    CHECK(std::signbit(d(1, 0)));
+    CHECK(d(1, 1) == 0x1p-24);
+    CHECK(d(1, 2) == std::numeric_limits<double>::infinity());
+    CHECK(std::isnan(d(1, 3)));
+
+    const Eigen::MatrixXf f = attn::npy::load<float>(fixture("v1_f2_c_2x4.npy"));
+    CHECK(same_bits(f, Eigen::MatrixXf(d.cast<float>())));
+    CHECK(f(0, 3) == 0.0999755859375f);
+    CHECK(std::signbit(f(1, 0)));
+    CHECK(f(1, 1) == 0x1p-24f);
+    CHECK(std::isnan(f(1, 3)));
+  }
+  SECTION("version 3.0, Fortran order") {
+    const std::vector<std::uint16_t> expected_bits = {0x3c00, 0x0400, 0xfbff, 0x03ff, 0xb800, 0xfc00};
+    const Matrix<Eigen::half> h = attn::npy::load<Eigen::half>(fixture("v3_f2_fortran_3x2.npy"));
+    REQUIRE(h.rows() == 3);
+    REQUIRE(h.cols() == 2);
+    CHECK(bits_by_rows(h) == expected_bits);
+    Eigen::MatrixXd expected(3, 2);
+    expected << 1.0, 0x1p-14, -65504.0, 1023 * 0x1p-24, -0.5, -std::numeric_limits<double>::infinity();
+    CHECK(same_bits(attn::npy::load<double>(fixture("v3_f2_fortran_3x2.npy")), expected));
+    CHECK(same_bits(attn::npy::load<float>(fixture("v3_f2_fortran_3x2.npy")), Eigen::MatrixXf(expected.cast<float>())));
+  }
+}
+
+TEST_CASE("save writes '<f2' for a half matrix, the bytes np.save writes", "[npy][half]") {
+  TempDir dir("save_half");
+  const std::string numpy_bytes = read_file(fixture("v1_f2_c_2x4.npy"));
+  REQUIRE_THAT(numpy_bytes, ContainsSubstring("{'descr': '<f2', 'fortran_order': False, 'shape': (2, 4), }"));
+  const Matrix<Eigen::half> h = half_matrix_from_bits(2, 4, f2_2x4_bits);
+  attn::npy::save(dir / "h.npy", h);
+  CHECK(read_file(dir / "h.npy") == numpy_bytes);
+  const RowMajorMatrix<Eigen::half> row_major = h;
+  attn::npy::save(dir / "row_major.npy", row_major);
+  CHECK(read_file(dir / "row_major.npy") == numpy_bytes);
+  // A float matrix saved as float16 through a cast: float to half rounds, and every value
+  // here is a half already.
+  attn::npy::save(dir / "cast.npy", attn::npy::load<float>(fixture("v1_f2_c_2x4.npy")).cast<Eigen::half>());
+  CHECK(read_file(dir / "cast.npy") == numpy_bytes);
+}
+
+TEST_CASE("every half survives save and load bit for bit, and loads as float and double exactly", "[npy][half]") {
+  // All 65536 bit patterns (both zeros, every subnormal, 65504, both infinities and every
+  // NaN), pattern i at row i / 256, column i % 256: 128 KiB, two of the writer's chunks.
+  std::vector<std::uint16_t> all_bits(65536);
+  for (std::size_t i = 0; i < all_bits.size(); ++i) all_bits[i] = static_cast<std::uint16_t>(i);
+  const Matrix<Eigen::half> h = half_matrix_from_bits(256, 256, all_bits);
+  TempDir dir("half_round_trip");
+  const fs::path path = dir / "h.npy";
+  attn::npy::save(path, h);
+  CHECK(fs::file_size(path) == 128 + 2 * 65536);
+
+  const Matrix<Eigen::half> again = attn::npy::load<Eigen::half>(path);
+  REQUIRE(again.rows() == 256);
+  REQUIRE(again.cols() == 256);
+  // Compared as a bool: on failure Catch2 would print 65536 numbers.
+  const bool same = bits_by_rows(again) == all_bits;
+  CHECK(same);
+  const bool same_from_memory = bits_by_rows(attn::npy::load_from_memory<Eigen::half>(read_file(path))) == all_bits;
+  CHECK(same_from_memory);
+  const auto bits_at = [&](std::uint16_t bits) { return again(bits / 256, bits % 256); };
+  CHECK(static_cast<float>(bits_at(0x7bff)) == 65504.0f);
+  CHECK(static_cast<float>(bits_at(0xfbff)) == -65504.0f);
+  CHECK(static_cast<float>(bits_at(0x0001)) == 0x1p-24f);
+  CHECK(std::signbit(static_cast<float>(bits_at(0x8000))));
+  CHECK(static_cast<float>(bits_at(0xfc00)) == -std::numeric_limits<float>::infinity());
+  CHECK(std::isnan(static_cast<float>(bits_at(0x7e00))));
+
+  // As double and float, each value is the one the bits define, NaN as NaN and -0 as -0.
+  const Eigen::MatrixXd d = attn::npy::load<double>(path);
+  const Eigen::MatrixXf f = attn::npy::load<float>(path);
+  REQUIRE(d.rows() == 256);
+  REQUIRE(f.cols() == 256);
+  std::size_t wrong_double = 0, wrong_float = 0;
+  for (std::size_t i = 0; i < all_bits.size(); ++i) {
+    const auto bits = static_cast<std::uint16_t>(i);
+    const double expected = binary16_value(bits);
+    const double loaded_d = d(static_cast<Index>(i / 256), static_cast<Index>(i % 256));
+    const float loaded_f = f(static_cast<Index>(i / 256), static_cast<Index>(i % 256));
+    if (is_half_nan(bits)) {
+      wrong_double += !std::isnan(loaded_d);
+      wrong_float += !std::isnan(loaded_f);
+    } else {
+      wrong_double += !(loaded_d == expected && std::signbit(loaded_d) == std::signbit(expected));
+      wrong_float += !(static_cast<double>(loaded_f) == expected && std::signbit(loaded_f) == std::signbit(expected));
+    }
+  }
+  CHECK(wrong_double == 0);
+  CHECK(wrong_float == 0);
+  CHECK(d(0x7b, 0xff) == 65504.0);
+  CHECK(d(0x03, 0xff) == 1023 * 0x1p-24);
+  CHECK(d(0x80, 0x01) == -0x1p-24);
+  CHECK(d(0x7c, 0x00) == std::numeric_limits<double>::infinity());
+}
+
+TEST_CASE("float32 and float64 files load as half rounded once to nearest even, as NumPy's astype('<f2')",
+          "[npy][half]") {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  SECTION("float32: ties go to the even half") {
+    // Expected bits from NumPy 1.24: np.array(values, '<f4').astype('<f2').view('<u2').
+    const std::string bytes = npy_bytes(
+        header("<f4", "False", "(12,)"),
+        data_bytes<float>({1 + 0x1p-11f, 1 + 3 * 0x1p-11f, 65504.0f, 65519.0f, 65519.99f, 0x1p-25f, 3 * 0x1p-25f, -0.0f,
+                           inf, std::numeric_limits<float>::quiet_NaN(), 0.1f, -1.5f * 0x1p-24f}));
+    const std::vector<std::uint16_t> bits = bits_by_rows(attn::npy::load_from_memory<Eigen::half>(bytes));
+    REQUIRE(bits.size() == 12);
+    CHECK(std::vector<std::uint16_t>(bits.begin(), bits.begin() + 9) ==
+          std::vector<std::uint16_t>{0x3c00, 0x3c02, 0x7bff, 0x7bff, 0x7bff, 0x0000, 0x0002, 0x8000, 0x7c00});
+    CHECK(is_half_nan(bits[9]));
+    CHECK(bits[10] == 0x2e66);
+    CHECK(bits[11] == 0x8002);
+  }
+  SECTION("float64: rounded once, not through float") {
+    // Through float, 65520 - 2^-20 would become 65520, a tie, and then inf; 1 + 2^-11 +
+    // 2^-30 would become 1 + 2^-11 and then 1; 2^-25 + 2^-60 would become 2^-25 and then 0.
+    const std::string bytes = npy_bytes(header("<f8", "False", "(8,)"),
+                                        data_bytes<double>({65520 - 0x1p-20, 1 + 0x1p-11 + 0x1p-30, 1 + 0x1p-11, 0.1,
+                                                            -1e-300, 0x1p-25 + 0x1p-60, 1e-8, -65504.0}));
+    CHECK(bits_by_rows(attn::npy::load_from_memory<Eigen::half>(bytes)) ==
+          std::vector<std::uint16_t>{0x7bff, 0x3c01, 0x3c00, 0x2e66, 0x8000, 0x0001, 0x0000, 0xfbff});
+    const std::string special = npy_bytes(header("<f8", "True", "(1, 3)"),
+                                          data_bytes<double>({-std::numeric_limits<double>::infinity(), std::nan(""), 0x1p-24}));
+    const std::vector<std::uint16_t> special_bits = bits_by_rows(attn::npy::load_from_memory<Eigen::half>(special));
+    REQUIRE(special_bits.size() == 3);
+    CHECK(special_bits[0] == 0xfc00);
+    CHECK(is_half_nan(special_bits[1]));
+    CHECK(special_bits[2] == 0x0001);
+  }
+  SECTION("NumPy's float32 file in Fortran order") {
+    CHECK(bits_by_rows(attn::npy::load<Eigen::half>(fixture("v1_f4_fortran_3x2.npy"))) ==
+          std::vector<std::uint16_t>{0x3c00, 0x4000, 0x4200, 0x4400, 0x4500, 0x4680});
+  }
+}
+
 TEST_CASE("C and Fortran order give the same matrix from their own layouts", "[npy]") {
   // The same 2x3 matrix [[1, 2, 3], [4, 5, 6]], stored by rows and by columns.
   const Eigen::MatrixXd expected = (Eigen::MatrixXd(2, 3) << 1, 2, 3, 4, 5, 6).finished();
@@ -293,6 +486,9 @@ TEST_CASE("the header parser reads what NumPy may write, in any layout", "[npy]"
   CHECK(e.rows == 0);
   CHECK(e.cols == 5);
   CHECK(e.data_bytes == 0);
+  const auto f2 = parse_header("{'descr': '<f2', 'fortran_order': False, 'shape': (3, 5), }\n");
+  CHECK(f2.dtype == Dtype::f2);
+  CHECK(f2.data_bytes == 30);
   // The largest shapes whose byte count still fits are accepted by the parser; the data
   // length check then refuses them unless the file really holds that much.
   const auto big = parse_header("{'descr':'<f4','fortran_order':False,'shape':(4294967296, 4),}");
@@ -509,6 +705,13 @@ TEST_CASE("data that does not match the shape", "[npy][errors]") {
   check_rejected(dir, good + "extra", "data length does not match the shape: shape (2, 3) of <f8 needs 48 bytes, the file has 53");
   check_rejected(dir, npy_bytes(header("<f4", "False", "(5,)"), data_bytes<float>({1, 2})),
                  "truncated data: shape (5,) of <f4 needs 20 bytes, the file has 8");
+  const std::string truncated_f2 = npy_bytes(header("<f2", "False", "(5,)"), data_bytes<std::uint16_t>({0x3c00, 0x4000}));
+  check_rejected(dir, truncated_f2, "truncated data: shape (5,) of <f2 needs 10 bytes, the file has 4");
+  const std::string good_f2 = read_file(fixture("v1_f2_c_2x4.npy"));
+  check_rejected(dir, good_f2.substr(0, good_f2.size() - 1),
+                 "truncated data: shape (2, 4) of <f2 needs 16 bytes, the file has 15");
+  CHECK_THROWS_WITH(attn::npy::load_from_memory<Eigen::half>(truncated_f2),
+                    "attn::npy::load_from_memory: truncated data: shape (5,) of <f2 needs 10 bytes, the file has 4");
   // A header cut short is a header length past the end.
   check_rejected(dir, good.substr(0, 60), "the header length 118 runs past the end of the file (50 bytes after the prefix)");
 }
@@ -516,11 +719,16 @@ TEST_CASE("data that does not match the shape", "[npy][errors]") {
 TEST_CASE("unsupported dtypes and shapes", "[npy][errors]") {
   TempDir dir("dtypes");
   const std::string data = data_bytes<double>({1, 2});
-  for (const char* dtype : {">f4", ">f8", "<i4", "|b1", "<c8", "|O", "<f2", "f8", "<f16"}) {
+  for (const char* dtype : {">f2", ">f4", ">f8", "<i4", "|b1", "<c8", "|O", "<e", "f8", "<f16"}) {
     check_rejected(dir, npy_bytes(header(dtype, "False", "(2,)"), data),
-                   std::string("unsupported dtype '") + dtype + "': attn reads little-endian float32 ('<f4') and float64 ('<f8')");
+                   std::string("unsupported dtype '") + dtype +
+                       "': attn reads little-endian float16 ('<f2'), float32 ('<f4') and float64 ('<f8')");
   }
+  // Big-endian data: the little-endian dtype of the same size, or float64.
   check_rejected(dir, npy_bytes(header(">f8", "False", "(2,)"), data), "convert big-endian data with arr.astype('<f8')");
+  check_rejected(dir, npy_bytes(header(">f2", "False", "(2,)"), data), "convert big-endian data with arr.astype('<f2')");
+  check_rejected(dir, npy_bytes(header(">f4", "False", "(2,)"), data), "convert big-endian data with arr.astype('<f4')");
+  check_rejected(dir, npy_bytes(header(">i2", "False", "(2,)"), data), "convert big-endian data with arr.astype('<f8')");
   check_rejected(dir, npy_bytes("{'descr': [('a', '<f8')], 'fortran_order': False, 'shape': (2,)}", data),
                  "structured dtypes (a list of fields as 'descr') are not supported");
   check_rejected(dir, npy_bytes(header("<f8", "False", "()"), data_bytes<double>({1})),
@@ -667,6 +875,30 @@ TEST_CASE("float64 values beyond float's range are refused when loading as float
                      "the float64 value -3.4028235677973366e+38 at [3] is too large for float (it would load as inf): "
                      "load the file as double");
   }
+}
+
+TEST_CASE("float32 and float64 values beyond half's range are refused when loading as half", "[npy][half][errors]") {
+  TempDir dir("half_range");
+  const auto refused_as_half = [&](const std::string& bytes, const std::string& reason) {
+    CAPTURE(reason);
+    const fs::path path = dir / "big.npy";
+    write_file(path, bytes);
+    CHECK_THROWS_AS(attn::npy::load<Eigen::half>(path), attn::npy_error);
+    CHECK_THROWS_WITH(attn::npy::load<Eigen::half>(path), "attn::npy::load: \"" + path.string() + "\": " + reason);
+    CHECK_THROWS_WITH(attn::npy::load_from_memory<Eigen::half>(bytes), "attn::npy::load_from_memory: " + reason);
+    // As float, the same file is fine.
+    CHECK_NOTHROW(attn::npy::load<float>(path));
+  };
+  // Rounding to nearest takes 65504 + 16 (half its last place) and everything above to inf.
+  refused_as_half(npy_bytes(header("<f4", "False", "(2, 3)"), data_bytes<float>({1, 2, 65520, 65519, -1e5f, 6})),
+                  "the float32 value 65520 at [0, 2] is too large for half (it would load as inf): load the file as "
+                  "float");
+  refused_as_half(npy_bytes(header("<f8", "True", "(2, 2)"), data_bytes<double>({1, -65520.5, 65519.9, 4})),
+                  "the float64 value -65520.5 at [1, 0] is too large for half (it would load as inf): load the file as "
+                  "double");
+  refused_as_half(npy_bytes(header("<f8", "False", "(3,)"), data_bytes<double>({std::numeric_limits<double>::infinity(),
+                                                                                 std::nan(""), 1e30})),
+                  "the float64 value 1e+30 at [2] is too large for half (it would load as inf): load the file as double");
 }
 
 TEST_CASE("shapes too large for memory are refused before anything is allocated", "[npy][errors]") {

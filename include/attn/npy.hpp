@@ -1,20 +1,23 @@
 #pragma once
 /// @file
-/// Reading and writing NumPy's `.npy` files: float32 and float64 matrices, so that weights
-/// and reference outputs can move between attn and Python (`numpy.load`, `numpy.save`).
+/// Reading and writing NumPy's `.npy` files: float16, float32 and float64 matrices, so that
+/// weights and reference outputs can move between attn and Python (`numpy.load`,
+/// `numpy.save`).
 ///
-/// What is read: format versions 1.0, 2.0 and 3.0; little-endian float32 (`'<f4'`) and
-/// float64 (`'<f8'`), converted to the requested scalar (a finite float64 value too large
-/// for float is an error, not inf); 1-D and 2-D arrays, in C order or Fortran order. A 1-D
-/// array of length n loads as an n×1 column, Eigen's own orientation for a vector (it
-/// assigns to an `Eigen::VectorXd` as it is; `.transpose()` gives a row). Anything else
-/// throws `attn::npy_error` naming the file and the reason.
+/// What is read: format versions 1.0, 2.0 and 3.0; little-endian float16 (`'<f2'`, IEEE
+/// binary16), float32 (`'<f4'`) and float64 (`'<f8'`), converted to the requested scalar
+/// (`Eigen::half`, which is `attn::half`, float or double) as NumPy's `astype` converts:
+/// exactly when widening, rounded once to nearest even when narrowing, except that a
+/// finite value too large for the scalar is an error, not inf; 1-D and 2-D arrays, in C
+/// order or Fortran order. A 1-D array of length n loads as an n×1 column, Eigen's own
+/// orientation for a vector (it assigns to an `Eigen::VectorXd` as it is; `.transpose()`
+/// gives a row). Anything else throws `attn::npy_error` naming the file and the reason.
 ///
 /// What is written: version 1.0 (2.0 only if a header ever outgrew 64 KiB), the dtype of
-/// the scalar, always a 2-D shape (so an n×1 matrix is saved as shape (n, 1), not (n,)),
-/// data in C order, and a header padded so that the data starts at a multiple of 64 bytes:
-/// byte for byte what `numpy.save` writes for the same array. A save replaces the file
-/// whole or not at all (see `save`).
+/// the scalar (`'<f2'` for `Eigen::half`), always a 2-D shape (so an n×1 matrix is saved as
+/// shape (n, 1), not (n,)), data in C order, and a header padded so that the data starts at
+/// a multiple of 64 bytes: byte for byte what `numpy.save` writes for the same array. A
+/// save replaces the file whole or not at all (see `save`).
 ///
 /// The header is a Python dict literal. It is parsed by a small hand-written parser for
 /// the restricted grammar NumPy writes, from a bounded string: every length is checked
@@ -81,10 +84,41 @@ inline std::string quote(std::string_view text, std::size_t max_length = 40) {
   return out + "'";
 }
 
-enum class Dtype { f4, f8 };
+/// The dtypes attn reads and writes: little-endian IEEE binary16, binary32 and binary64.
+enum class Dtype { f2, f4, f8 };
 
-inline std::size_t item_size(Dtype dtype) noexcept { return dtype == Dtype::f4 ? 4 : 8; }
-inline const char* descr(Dtype dtype) noexcept { return dtype == Dtype::f4 ? "<f4" : "<f8"; }
+/// What attn knows of a dtype, one row per `Dtype` in its order: the 'descr' NumPy writes,
+/// the item size, NumPy's name (for messages about values in the file) and the C++ scalar
+/// that holds it (for messages about the scalar being loaded).
+struct DtypeInfo {
+  Dtype dtype;
+  const char* descr;
+  std::size_t item_size;
+  const char* numpy_name;
+  const char* scalar_name;
+};
+
+inline constexpr DtypeInfo dtypes[] = {
+    {Dtype::f2, "<f2", 2, "float16", "half"},
+    {Dtype::f4, "<f4", 4, "float32", "float"},
+    {Dtype::f8, "<f8", 8, "float64", "double"},
+};
+
+constexpr const DtypeInfo& dtype_info(Dtype dtype) noexcept { return dtypes[static_cast<std::size_t>(dtype)]; }
+inline std::size_t item_size(Dtype dtype) noexcept { return dtype_info(dtype).item_size; }
+inline const char* descr(Dtype dtype) noexcept { return dtype_info(dtype).descr; }
+
+/// The dtype that stores `Scalar` (one of the scalars require_npy_scalar lets through).
+template <typename Scalar>
+constexpr Dtype dtype_of() noexcept {
+  if constexpr (std::is_same_v<Scalar, Eigen::half>) {
+    return Dtype::f2;
+  } else if constexpr (std::is_same_v<Scalar, float>) {
+    return Dtype::f4;
+  } else {
+    return Dtype::f8;
+  }
+}
 
 /// A parsed and validated header. A 1-D shape (n,) is rows = n, cols = 1.
 struct Header {
@@ -218,18 +252,30 @@ class HeaderParser {
 
   Dtype parse_dtype() {
     if (peek() == '[') {
-      fail("structured dtypes (a list of fields as 'descr') are not supported: attn reads float32 "
-           "('<f4') and float64 ('<f8')");
+      fail("structured dtypes (a list of fields as 'descr') are not supported: attn reads float16 "
+           "('<f2'), float32 ('<f4') and float64 ('<f8')");
     }
     const std::size_t start = position_;
     const std::string_view value = parse_string("the dtype ('descr')");
-    if (value == "<f4") return Dtype::f4;
-    if (value == "<f8") return Dtype::f8;
+    for (const DtypeInfo& info : dtypes) {
+      if (value == info.descr) return info.dtype;
+    }
     position_ = start;  // report the error where the value starts
-    const bool big_endian = !value.empty() && value[0] == '>';
-    fail("unsupported dtype ", quote(value), ": attn reads little-endian float32 ('<f4') and float64 ('<f8')",
-         big_endian ? "; convert big-endian data with arr.astype('<f8')" : "");
+    if (!value.empty() && value[0] == '>') {
+      // Big-endian: name the little-endian twin of a float dtype attn reads, as it keeps
+      // every value and the size; float64 for anything else.
+      const char* little_endian = "<f8";
+      for (const DtypeInfo& info : dtypes) {
+        if (value.substr(1) == info.descr + 1) little_endian = info.descr;
+      }
+      fail("unsupported dtype ", quote(value), ": ", supported_dtypes, "; convert big-endian data with arr.astype('",
+           little_endian, "')");
+    }
+    fail("unsupported dtype ", quote(value), ": ", supported_dtypes);
   }
+
+  static constexpr const char* supported_dtypes =
+      "attn reads little-endian float16 ('<f2'), float32 ('<f4') and float64 ('<f8')";
 
   static bool is_identifier_char(char c) noexcept {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
@@ -432,43 +478,81 @@ using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 
 template <typename Scalar>
 constexpr void require_npy_scalar() noexcept {
-  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
-                "attn::npy reads and writes float ('<f4') and double ('<f8') matrices; convert others with "
-                ".cast<float>() or .cast<double>()");
+  static_assert(std::is_same_v<Scalar, Eigen::half> || std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
+                "attn::npy reads and writes half ('<f2'), float ('<f4') and double ('<f8') matrices; convert "
+                "others with .cast<float>() or .cast<double>()");
 }
 
 /// `value` in the fewest significant digits that read back as the same double, so that a
 /// message shows 1e+300 rather than 1.0000000000000001e+300, and a value just past a limit
-/// is not printed as the limit.
+/// is not printed as the limit. An integer of up to 9 digits is written out (half's limit
+/// reads 65520, not 6.552e+04).
 inline std::string shortest_decimal(double value) {
   char text[32];
+  if (std::abs(value) < 1e9 && value == std::trunc(value)) {
+    std::snprintf(text, sizeof text, "%.0f", value);
+    return text;
+  }
   for (int digits = 1;; ++digits) {
     std::snprintf(text, sizeof text, "%.*g", digits, value);
     if (digits >= std::numeric_limits<double>::max_digits10 || std::strtod(text, nullptr) == value) return text;
   }
 }
 
-/// float64 data loaded as float: a finite value too large for float would become inf, a
-/// wrong number with no sign of trouble, so the first one in the file's order is refused
-/// with its index in the array. Values that round to float's largest finite value load
-/// as it, and inf and NaN stored in the file load as themselves.
-template <int Order>
-void require_float_range(const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Order>& data, const Header& header,
-                         std::string_view where) {
-  // Rounding to nearest takes float's largest finite value plus half its last place (2^103)
-  // and everything above it to inf, and everything below it to a finite float.
-  constexpr double overflows_at = static_cast<double>(std::numeric_limits<float>::max()) + 0x1p103;
-  const double* values = data.data();
+/// The smallest magnitude that rounding to nearest takes to inf in `Target` (float or
+/// half): its largest finite value plus half its last place (float: 2^128 - 2^104 + 2^103;
+/// half: 65504 + 16 = 65520). Everything below it rounds to a finite value.
+template <typename Target>
+double overflow_threshold() noexcept {
+  using limits = std::numeric_limits<Target>;
+  return static_cast<double>(static_cast<float>((limits::max)())) +
+         std::ldexp(1.0, limits::max_exponent - limits::digits - 1);
+}
+
+/// Data loaded into a narrower scalar (float64 as float or half, float32 as half): a finite
+/// value too large for it would become inf, a wrong number with no sign of trouble, so the
+/// first one in the file's order is refused with its index in the array. Values that round
+/// to the scalar's largest finite value load as it, and inf and NaN stored in the file load
+/// as themselves.
+template <typename Target, typename FileScalar, int Order>
+void require_in_range(const Eigen::Matrix<FileScalar, Eigen::Dynamic, Eigen::Dynamic, Order>& data,
+                      const Header& header, std::string_view where) {
+  const double overflows_at = overflow_threshold<Target>();
+  const FileScalar* values = data.data();
   for (Eigen::Index i = 0; i < data.size(); ++i) {
+    const auto value = static_cast<double>(values[i]);  // exact: FileScalar is float or double
     // NaN fails the comparison, and an inf in the file is no overflow: both load as they are.
-    if (!(std::abs(values[i]) >= overflows_at) || std::isinf(values[i])) continue;
+    if (!(std::abs(value) >= overflows_at) || std::isinf(value)) continue;
     const Eigen::Index row = Order == Eigen::RowMajor ? i / data.cols() : i % data.rows();
     const Eigen::Index col = Order == Eigen::RowMajor ? i % data.cols() : i / data.rows();
     const std::string index = header.ndim == 1 ? attn::detail::message("[", row, "]")
                                                : attn::detail::message("[", row, ", ", col, "]");
-    fail(where, "the float64 value ", shortest_decimal(values[i]), " at ", index,
-         " is too large for float (it would load as inf): load the file as double");
+    const DtypeInfo& file = dtype_info(header.dtype);
+    fail(where, "the ", file.numpy_name, " value ", shortest_decimal(value), " at ", index, " is too large for ",
+         dtype_info(dtype_of<Target>()).scalar_name, " (it would load as inf): load the file as ", file.scalar_name);
   }
+}
+
+/// A float64 value as half, rounded once to nearest even, as NumPy's astype('<f2') rounds.
+/// Eigen's half(double) goes through float and so rounds twice, which is wrong when the
+/// first rounding lands on a midpoint between two halves: 1 + 2^-11 + 2^-30 becomes the
+/// float 1 + 2^-11, which ties to even, 1, though it is nearer 1 + 2^-10; 65520 - 2^-20
+/// becomes inf instead of 65504. Rounding to float toward zero and setting the last bit
+/// when that is inexact ("round to odd") keeps what the second rounding needs, as float
+/// has 13 more bits than half everywhere in half's range (Boldo and Melquiond, "When
+/// double rounding is odd", 2005).
+inline Eigen::half double_to_half(double value) noexcept {
+  float narrowed = static_cast<float>(value);
+  if (std::isfinite(value) && static_cast<double>(narrowed) != value) {
+    std::uint32_t bits = 0;
+    std::memcpy(&bits, &narrowed, sizeof bits);
+    // One step toward zero if rounding went away from it: the sign bit is untouched, and
+    // inf steps to float's largest finite value.
+    if (std::abs(static_cast<double>(narrowed)) > std::abs(value)) --bits;
+    bits |= 1u;
+    std::memcpy(&narrowed, &bits, sizeof bits);
+  }
+  return Eigen::half(narrowed);
 }
 
 /// Fills a matrix of the file's scalar and storage order with `read(destination, bytes)`,
@@ -482,22 +566,37 @@ Matrix<Scalar> read_data_as(const Header& header, ReadBytes& read, std::string_v
   if constexpr (std::is_same_v<Scalar, FileScalar> && Order == Eigen::ColMajor) {
     return data;  // Fortran order in the requested scalar: no copy
   } else {
-    if constexpr (std::is_same_v<Scalar, float> && std::is_same_v<FileScalar, double>) {
-      require_float_range(data, header, where);
+    // half to float or double, and float to double, are exact; the other way needs a check.
+    if constexpr (std::numeric_limits<Scalar>::max_exponent < std::numeric_limits<FileScalar>::max_exponent) {
+      require_in_range<Scalar>(data, header, where);
     }
-    return data.template cast<Scalar>();
+    if constexpr (std::is_same_v<Scalar, Eigen::half> && std::is_same_v<FileScalar, double>) {
+      return data.unaryExpr([](double value) { return double_to_half(value); });
+    } else {
+      return data.template cast<Scalar>();  // widening is exact; float to half rounds once, to nearest even
+    }
   }
+}
+
+/// `read_data_as` in the file's storage order: Fortran order is Eigen's column-major, C
+/// order its row-major; a 1-D array is both.
+template <typename Scalar, typename FileScalar, typename ReadBytes>
+Matrix<Scalar> read_data_in_order(const Header& header, ReadBytes& read, std::string_view where) {
+  return header.fortran_order ? read_data_as<Scalar, FileScalar, Eigen::ColMajor>(header, read, where)
+                              : read_data_as<Scalar, FileScalar, Eigen::RowMajor>(header, read, where);
 }
 
 template <typename Scalar, typename ReadBytes>
 Matrix<Scalar> read_data(const Header& header, ReadBytes&& read, std::string_view where) {
-  // Fortran order is Eigen's column-major, C order its row-major; a 1-D array is both.
-  if (header.dtype == Dtype::f4) {
-    return header.fortran_order ? read_data_as<Scalar, float, Eigen::ColMajor>(header, read, where)
-                                : read_data_as<Scalar, float, Eigen::RowMajor>(header, read, where);
+  switch (header.dtype) {
+    case Dtype::f2:
+      return read_data_in_order<Scalar, Eigen::half>(header, read, where);
+    case Dtype::f4:
+      return read_data_in_order<Scalar, float>(header, read, where);
+    case Dtype::f8:
+      break;
   }
-  return header.fortran_order ? read_data_as<Scalar, double, Eigen::ColMajor>(header, read, where)
-                              : read_data_as<Scalar, double, Eigen::RowMajor>(header, read, where);
+  return read_data_in_order<Scalar, double>(header, read, where);
 }
 
 /// The header dict NumPy writes for a C-order 2-D array, keys sorted, with the spaces
@@ -541,8 +640,7 @@ template <typename Derived, typename WriteBytes>
 void write_npy(const Eigen::MatrixBase<Derived>& matrix, WriteBytes&& write) {
   using Scalar = typename Derived::Scalar;
   require_npy_scalar<Scalar>();
-  const Dtype dtype = std::is_same_v<Scalar, float> ? Dtype::f4 : Dtype::f8;
-  const std::string header = frame_header(header_dict(dtype, matrix.rows(), matrix.cols()));
+  const std::string header = frame_header(header_dict(dtype_of<Scalar>(), matrix.rows(), matrix.cols()));
   write(header.data(), header.size());
   if (matrix.size() == 0) return;
   const auto write_rows = [&](const auto& source) {
@@ -675,12 +773,14 @@ class TemporaryFile {
 
 namespace npy {
 
-/// Loads a float32 or float64 .npy file as a column-major `Scalar` matrix, converting the
-/// values if the file's dtype is the other one. A 1-D array of length n is an n×1 column.
-/// Throws attn::npy_error (with the path and the reason) for a file that cannot be opened,
-/// is truncated, corrupt, or holds anything else (another dtype, big-endian data, 0-D or
-/// 3-D and higher shapes), and for float64 data loaded as float that holds a finite value
-/// too large for float (naming the first one and its index).
+/// Loads a float16, float32 or float64 .npy file as a column-major `Scalar` matrix
+/// (`Eigen::half`, float or double), converting the values if the file's dtype is another
+/// one: exactly to a wider scalar, rounded once to nearest even to a narrower one, as
+/// NumPy's `astype` does. A 1-D array of length n is an n×1 column. Throws attn::npy_error
+/// (with the path and the reason) for a file that cannot be opened, is truncated, corrupt,
+/// or holds anything else (another dtype, big-endian data, 0-D or 3-D and higher shapes),
+/// and for data loaded into a narrower scalar (float64 as float or half, float32 as half)
+/// that holds a finite value too large for it (naming the first one and its index).
 template <typename Scalar>
 Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load(const std::filesystem::path& path) {
   detail::require_npy_scalar<Scalar>();
@@ -727,14 +827,15 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> load_from_memory(std::stri
   return detail::load_bytes<Scalar>(bytes, "attn::npy::load_from_memory");
 }
 
-/// Saves a float or double matrix (any Eigen expression: a block, a Map, a row-major
-/// matrix, a product) as a .npy file that `numpy.load` reads with the same shape, always
-/// 2-D. The file is written whole or not at all: the data goes to a new file beside it,
-/// which replaces it only once complete, so a save that fails (a full disk, a file-size
-/// limit, an exception) leaves an existing file as it was and no temporary file behind. A
-/// symbolic link is followed (the file it names is replaced, the link kept), and an
-/// existing file's permissions are kept. A device or pipe (`/dev/stdout`) is written in
-/// place. Throws attn::npy_error if the file cannot be created, written or replaced.
+/// Saves a half (`'<f2'`), float (`'<f4'`) or double (`'<f8'`) matrix (any Eigen
+/// expression: a block, a Map, a row-major matrix, a product) as a .npy file that
+/// `numpy.load` reads with the same shape, always 2-D. The file is written whole or not at
+/// all: the data goes to a new file beside it, which replaces it only once complete, so a
+/// save that fails (a full disk, a file-size limit, an exception) leaves an existing file
+/// as it was and no temporary file behind. A symbolic link is followed (the file it names
+/// is replaced, the link kept), and an existing file's permissions are kept. A device or
+/// pipe (`/dev/stdout`) is written in place. Throws attn::npy_error if the file cannot be
+/// created, written or replaced.
 template <typename Derived>
 void save(const std::filesystem::path& path, const Eigen::MatrixBase<Derived>& matrix) {
   detail::require_npy_scalar<typename Derived::Scalar>();
