@@ -9,6 +9,8 @@
 ///            (`attn::Heads{H, H}`) and one reused `attn::Workspace`. Threads:
 ///            `options.num_threads = t`, with `Eigen::setNbThreads(1)` so that Eigen never
 ///            tries to split a tile product across threads itself.
+/// - `flash_bf16`, `flash_half`: `flash` with q, k and v stored in 16 bits (N ≥ 1024),
+///            computing in float.
 /// - `gemm`:  for each head, the two Eigen products the attention is made of, (n×d)·(d×n)
 ///            into an n×n buffer and (n×n)·(n×d), with nothing in between: the practical
 ///            peak of this machine for these FLOPs. Threads: `Eigen::setNbThreads(t)`.
@@ -35,6 +37,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -133,10 +136,24 @@ void BM_core(benchmark::State& state) {
   set_scratch(state, static_cast<double>(weights.size()) * sizeof(float));
 }
 
+/// q, k and v stored as `Storage`: float, or 16 bits (`flash_bf16`, `flash_half`),
+/// converted once outside the timed loop, as a model that keeps its activations in 16 bits
+/// has them; the kernel's own conversion of each tile is timed.
+template <typename Storage>
 void BM_flash(benchmark::State& state) {
   const Shape shape = shape_of(state);
   const Eigen::Index d = shape.d;
   const Inputs& in = inputs_for(shape.n, shape.n, shape.heads * d);
+  const auto stored = [](const Matrix& m) -> decltype(auto) {
+    if constexpr (std::is_same_v<Storage, float>) {
+      return (m);
+    } else {
+      return Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic>(m.cast<Storage>());
+    }
+  };
+  const auto& q = stored(in.q);
+  const auto& k = stored(in.k);
+  const auto& v = stored(in.v);
   // The kernel's threads are its own; Eigen must not also split each small tile product.
   Eigen::setNbThreads(1);
   attn::AttentionOptionsf options;
@@ -148,7 +165,7 @@ void BM_flash(benchmark::State& state) {
   const attn::Heads heads{shape.heads, shape.heads};
   const LoadProbe probe;
   for (auto _ : state) {
-    attn::flash_attention_into(in.q, in.k, in.v, heads, options, out, workspace);
+    attn::flash_attention_into(q, k, v, heads, options, out, workspace);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -277,7 +294,18 @@ void register_attention(Eigen::Index d, Eigen::Index num_heads, Eigen::Index n) 
         configure(benchmark::RegisterBenchmark("gemm", BM_gemm)->ArgNames(shape_arg_names)->Args(args), repetitions);
       }
       configure(benchmark::RegisterBenchmark("core", BM_core)->ArgNames(shape_arg_names)->Args(args), repetitions);
-      configure(benchmark::RegisterBenchmark("flash", BM_flash)->ArgNames(shape_arg_names)->Args(args), repetitions);
+      configure(benchmark::RegisterBenchmark("flash", BM_flash<float>)->ArgNames(shape_arg_names)->Args(args),
+                repetitions);
+      if (n >= 1024) {
+        configure(benchmark::RegisterBenchmark("flash_bf16", BM_flash<attn::bfloat16>)
+                      ->ArgNames(shape_arg_names)
+                      ->Args(args),
+                  repetitions);
+        configure(benchmark::RegisterBenchmark("flash_half", BM_flash<attn::half>)
+                      ->ArgNames(shape_arg_names)
+                      ->Args(args),
+                  repetitions);
+      }
       if (n <= 4096) {
         configure(benchmark::RegisterBenchmark("backward", BM_backward)->ArgNames(shape_arg_names)->Args(args),
                   repetitions);

@@ -14,6 +14,9 @@
 ///   back, so every iteration sees the same L. A step is memory-bound: it reads the
 ///   cache's keys and values and the four projection weights and does a few FLOPs per
 ///   float read (2 per key or value for MHA, 8 for GQA's shared heads).
+/// - `decode_bf16/<kind>`, `decode_half/<kind>`: the same step over a cache stored in 16
+///   bits (`make_cache<attn::bfloat16>`, `<attn::half>`): half the bytes to read, each tile
+///   converted to float as the kernel reads it.
 /// - `copy` and `read`: the machine's memory bandwidth in the same run, on buffers of
 ///   1 MiB … 256 MiB (the decode steps' working sets span 2.7 … 260 MiB), to compare the
 ///   decode steps' GB/s with: `copy` is std::memcpy, `read` sums the buffer (reads only,
@@ -35,9 +38,9 @@
 ///   and kernel call `forward_into` makes, through the module's public weights) once per
 ///   case, after its first timed loop.
 /// - `kv_GB/s` (decode): the cache's keys and values read per step, (L + 1)·2·H_kv·d·4
-///   bytes (the new token's row included), per second; `total_GB/s` adds the projection
-///   weights and biases, (2·E·E + 2·E·H_kv·d + 2·E + 2·H_kv·d)·4 bytes (4 MiB for mha,
-///   2.5 MiB for gqa), each read once per step. Both count distinct bytes: the kernel reads
+///   bytes (·2 in 16 bits; the new token's row included), per second; `total_GB/s` adds
+///   the projection weights and biases, (2·E·E + 2·E·H_kv·d + 2·E + 2·H_kv·d)·4 bytes
+///   (4 MiB for mha, 2.5 MiB for gqa), each read once per step. Both count distinct bytes: the kernel reads
 ///   a GQA key/value head once per query head sharing it (4 times), from the L3 while the
 ///   head fits there and from memory beyond (benchmarks/README.md has the measurements).
 /// - `read_GB/s` (copy, read): bytes read per second. A copy also writes as many bytes
@@ -244,18 +247,24 @@ void BM_forward(benchmark::State& state, Eigen::Index num_kv_heads) {
 /// random keys and values and room for one more. Filling up to 256 MiB takes a while, and
 /// Google Benchmark calls a case's function several times; one cache at a time bounds the
 /// memory.
-attn::KVCachef& cache_for(const attn::MultiHeadAttentionf& module, Eigen::Index length) {
+/// The cache stores `Storage` (float, or 16 bits); one cache per storage type is held.
+template <typename Storage>
+attn::KVCache<Storage>& cache_for(const attn::MultiHeadAttentionf& module, Eigen::Index length) {
   static std::pair<Eigen::Index, Eigen::Index> held{-1, -1};
-  static std::unique_ptr<attn::KVCachef> cache;
+  static std::unique_ptr<attn::KVCache<Storage>> cache;
   if (held != std::make_pair(module.num_kv_heads(), length)) {
     cache.reset();  // free the previous one first
-    cache = std::make_unique<attn::KVCachef>(module.make_cache(1, length + 1));
-    std::srand(777);
-    // Random keys and values written in place (no length × width temporary); a key that
-    // a projection of real tokens would give is no faster or slower to read.
+    cache = std::make_unique<attn::KVCache<Storage>>(module.make_cache<Storage>(1, length + 1));
+    // Random keys and values written in place, a block of tokens at a time (no length ×
+    // width temporary); a key that a projection of real tokens would give is no faster or
+    // slower to read.
     auto rows = cache->extend(0, length);
-    rows.keys.setRandom();
-    rows.values.setRandom();
+    std::srand(777);
+    for (Eigen::Index first = 0; first < length; first += 1024) {
+      const Eigen::Index count = std::min<Eigen::Index>(1024, length - first);
+      rows.keys.middleRows(first, count) = Matrix::Random(count, rows.keys.cols()).template cast<Storage>();
+      rows.values.middleRows(first, count) = Matrix::Random(count, rows.values.cols()).template cast<Storage>();
+    }
     held = std::make_pair(module.num_kv_heads(), length);
   }
   cache->truncate(length);
@@ -270,11 +279,12 @@ double weight_bytes(const attn::MultiHeadAttentionf& module) {
                           size(module.value_bias()) + size(module.output_bias()));
 }
 
+template <typename Storage>
 void BM_decode(benchmark::State& state, Eigen::Index num_kv_heads) {
   const Eigen::Index length = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const attn::MultiHeadAttentionf& module = module_for(num_kv_heads);
-  attn::KVCachef& cache = cache_for(module, length);
+  attn::KVCache<Storage>& cache = cache_for<Storage>(module, length);
   const EigenThreads eigen_threads(threads);
   attn::AttentionOptionsf options;
   options.num_threads = threads;
@@ -295,7 +305,7 @@ void BM_decode(benchmark::State& state, Eigen::Index num_kv_heads) {
   probe.report(state);
   // K and V of every token the step attends (the cache and the new token), read once.
   const double kv_bytes =
-      static_cast<double>(length + 1) * 2.0 * static_cast<double>(module.kv_width()) * sizeof(float);
+      static_cast<double>(length + 1) * 2.0 * static_cast<double>(module.kv_width()) * sizeof(Storage);
   const double weights = weight_bytes(module);
   set_rate(state, "tokens/s", 1.0);
   set_rate(state, "kv_GB/s", kv_bytes * 1e-9);
@@ -389,6 +399,13 @@ benchmark::internal::Benchmark* configure(benchmark::internal::Benchmark* benchm
   return benchmark->Unit(unit)->UseRealTime()->Repetitions(repetitions)->DisplayAggregatesOnly(true);
 }
 
+/// Decode cases' name prefixes and cache storage.
+const std::pair<std::string, void (*)(benchmark::State&, Eigen::Index)> decode_storages[] = {
+    {"decode/", BM_decode<float>},
+    {"decode_bf16/", BM_decode<attn::bfloat16>},
+    {"decode_half/", BM_decode<attn::half>},
+};
+
 void register_all(std::int64_t max_n) {
   for (const std::int64_t n : {128, 256, 512, 1024, 2048, 4096}) {
     if (n > max_n) continue;
@@ -419,13 +436,17 @@ void register_all(std::int64_t max_n) {
     for (const int threads : thread_counts()) {
       for (const Kind& kind : kinds) {
         const Eigen::Index num_kv_heads = kind.num_kv_heads;
-        configure(benchmark::RegisterBenchmark((std::string("decode/") + kind.name).c_str(),
-                                               [num_kv_heads](benchmark::State& state) {
-                                                 BM_decode(state, num_kv_heads);
-                                               })
-                      ->ArgNames({"cache", "threads"})
-                      ->Args({length, threads}),
-                  benchmark::kMicrosecond);
+        // The float cache, then the same step over caches stored in 16 bits: half the
+        // bytes to read.
+        for (const auto& [prefix, decode] : decode_storages) {
+          configure(benchmark::RegisterBenchmark((prefix + kind.name).c_str(),
+                                                 [num_kv_heads, decode = decode](benchmark::State& state) {
+                                                   decode(state, num_kv_heads);
+                                                 })
+                        ->ArgNames({"cache", "threads"})
+                        ->Args({length, threads}),
+                    benchmark::kMicrosecond);
+        }
       }
     }
   }

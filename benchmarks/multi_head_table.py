@@ -34,10 +34,10 @@ def load(path):
 
 
 def parse(name):
-    """('mha_forward'|'decode'|'copy'|'read', kind or None, {arg: int})"""
+    """('mha_forward'|'decode'|'decode_bf16'|'decode_half'|'copy'|'read', kind or None, {arg: int})"""
     parts = name.split("/")
     family = parts[0]
-    kind = parts[1] if family in ("mha_forward", "decode") else None
+    kind = parts[1] if family in ("mha_forward", "decode", "decode_bf16", "decode_half") else None
     args = {}
     for p in parts:
         m = re.fullmatch(r"(\w+):(\d+)", p)
@@ -197,6 +197,28 @@ def main():
                        _ratio_to(b, c), _ratio_to(b, r), _ratio_to(b, d)]
                 w("| " + " | ".join(row) + " |")
     w("")
+
+    # Decode over 16-bit caches
+    if any(k[0] in ("decode_bf16", "decode_half") for k in table):
+        w("## Decode over 16-bit caches")
+        w("")
+        w("The same steps over a cache stored as bfloat16 or half (half the bytes; each tile converted "
+          "to float as the kernel reads it). `÷ float`: tokens/s over the float cache's in the same run.")
+        w("")
+        head = ["L", "threads", "kind", "storage", "tokens/s", "÷ float", "KV GB/s"]
+        w("| " + " | ".join(head) + " |")
+        w("|" + "---|" * len(head))
+        for length in lengths:
+            for t in threads:
+                for kind in ("mha", "gqa"):
+                    base = get(table, "decode", kind, cache=length, threads=t)
+                    for family, storage in (("decode_bf16", "bfloat16"), ("decode_half", "half")):
+                        b = get(table, family, kind, cache=length, threads=t)
+                        if b is None:
+                            continue
+                        w("| " + " | ".join([str(length), str(t), kind.upper(), storage, fmt(b, "tokens/s"),
+                                             ratio(b, base, "tokens/s"), fmt(b, "kv_GB/s", 1)]) + " |")
+        w("")
     print("\n".join(out))
 
 

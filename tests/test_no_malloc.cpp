@@ -319,17 +319,14 @@ TEST_CASE("MultiHeadAttention::forward_into reuses its workspace without allocat
   CHECK(out == first);
 }
 
-TEST_CASE("a decode step allocates nothing once the cache's capacity is reserved", "[no_malloc][multi_head][decode]") {
-  // One scalar: what allocates depends on the tile sizes, which the default-tile tests
-  // below cover for float and double; each scalar costs this executable a minute of
-  // compiling under the sanitizers.
+namespace {
+
+// Decode steps over a cache stored as `Storage` (float, or 16 bits converted tile by tile
+// into the workspace's scratch): none may allocate once the first has sized the workspace.
+template <typename Storage>
+void check_decode_allocates_nothing(int positions, Index embed_dim) {
   using Scalar = float;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  const int positions = GENERATE(0, 1, 2);  // none, RoPE, ALiBi
-  // E = 512 as well: a one-token step's products stay matrix-vector products, heap-free
-  // whatever the width.
-  const Index embed_dim = GENERATE(64, 512);
-  CAPTURE(positions, embed_dim);
   const auto module = random_module<Scalar>(positions, embed_dim);
   attn::MultiHeadWorkspace<Scalar> workspace;
   Matrix out;
@@ -345,7 +342,7 @@ TEST_CASE("a decode step allocates nothing once the cache's capacity is reserved
   const Index windows[][2] = {{1, 40}, {500, 530}, {1010, 1040}, {1280, n}};
   const Matrix tokens = attn_test::random_matrix<Scalar>(n, embed_dim, 10);
   const Matrix filler = attn_test::random_matrix<Scalar>(n, module.kv_width(), 11);
-  auto cache = module.make_cache(1, n);
+  auto cache = module.template make_cache<Storage>(1, n);
   module.decode_into(tokens.topRows(1), cache, 0, {}, out, workspace);  // sizes the workspace
   Index steps = 0;
   for (const auto& window : windows) {
@@ -360,4 +357,24 @@ TEST_CASE("a decode step allocates nothing once the cache's capacity is reserved
   CHECK(steps == 119);
   CHECK(cache.size(0) == n);
   CHECK(out.allFinite());
+}
+
+}  // namespace
+
+TEST_CASE("a decode step allocates nothing once the cache's capacity is reserved", "[no_malloc][multi_head][decode]") {
+  // One scalar: what allocates depends on the tile sizes, which the default-tile tests
+  // below cover for float and double; each scalar costs this executable a minute of
+  // compiling under the sanitizers.
+  const int positions = GENERATE(0, 1, 2);  // none, RoPE, ALiBi
+  // E = 512 as well: a one-token step's products stay matrix-vector products, heap-free
+  // whatever the width.
+  const Index embed_dim = GENERATE(64, 512);
+  CAPTURE(positions, embed_dim);
+  check_decode_allocates_nothing<float>(positions, embed_dim);
+}
+
+TEST_CASE("a decode step over a 16-bit cache allocates nothing either", "[no_malloc][multi_head][decode][precision]") {
+  const Index embed_dim = GENERATE(64, 512);
+  CAPTURE(embed_dim);
+  check_decode_allocates_nothing<attn::bfloat16>(1, embed_dim);
 }

@@ -229,7 +229,9 @@ TEST_CASE("MultiHeadAttention::backward: the same bits on any thread count", "[t
   }
 }
 
-TEST_CASE("decode steps: the same bits on any thread count, and scratch sized once", "[threads][multi_head][decode]") {
+TEMPLATE_TEST_CASE("decode steps: the same bits on any thread count, and scratch sized once",
+                   "[threads][multi_head][decode]", float, attn::bfloat16) {
+  using Storage = TestType;  // the cache's: float, or 16 bits converted tile by tile
   using Matrix = Eigen::MatrixXf;
   // Multi-query attention: its single KV head makes the fewest work items, so the thread
   // slots a step needs grow most with the cache (one per key chunk).
@@ -243,7 +245,7 @@ TEST_CASE("decode steps: the same bits on any thread count, and scratch sized on
   Matrix outputs[3];
   for (const int threads : {1, 2, 3}) {
     INFO(threads << " threads");
-    auto cache = module.make_cache(1, tokens.rows());
+    auto cache = module.template make_cache<Storage>(1, tokens.rows());
     attn::MultiHeadWorkspace<float> workspace;
     attn::AttentionOptionsf step;
     step.num_threads = threads;

@@ -8,6 +8,7 @@
 #include "version.hpp"
 #include "error.hpp"
 #include "matrix_view.hpp"
+#include "precision.hpp"
 #include "projection.hpp"
 #include "scores.hpp"
 #include "softmax.hpp"

@@ -9,12 +9,14 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include "detail/operands.hpp"
 #include "error.hpp"
+#include "precision.hpp"
 
 namespace attn {
 
@@ -24,7 +26,9 @@ enum class CacheOverflow {
   grow,         ///< reallocate to at least twice the capacity, keeping the contents
 };
 
-/// Keys and values of the tokens seen so far, for each layer of a decoder: layer l holds
+/// Keys and values of the tokens seen so far, for each layer of a decoder, stored as
+/// `Scalar`: float or double, or bfloat16 or half (2 bytes a value, read back into float by
+/// the tiled kernel a tile at a time; see precision.hpp). Layer l holds
 /// `size(l)` rows (one per token, oldest first) of `key_width` key and `value_width` value
 /// columns, heads side by side as `flash_attention` takes them (key width = H_kv·d_k).
 ///
@@ -48,7 +52,7 @@ class KVCache {
   KVCache(Eigen::Index num_layers, Eigen::Index key_width, Eigen::Index value_width, Eigen::Index capacity,
           CacheOverflow on_overflow = CacheOverflow::throw_error)
       : key_width_(key_width), value_width_(value_width), capacity_(capacity), on_overflow_(on_overflow) {
-    detail::require_floating_point<Scalar>();
+    detail::require_storage_scalar<Scalar>();
     if (num_layers < 1 || key_width < 0 || value_width < 0 || capacity < 0) {
       detail::raise<std::invalid_argument>(
           "attn::KVCache: need num_layers >= 1 and non-negative widths and capacity, got num_layers = ", num_layers,
@@ -111,9 +115,11 @@ class KVCache {
   template <typename DerivedK, typename DerivedV>
   void append(Eigen::Index layer, const Eigen::MatrixBase<DerivedK>& keys, const Eigen::MatrixBase<DerivedV>& values) {
     constexpr const char* operation = "attn::KVCache::append";
-    detail::require_same_scalar<DerivedK, DerivedV>();
-    static_assert(std::is_same_v<typename DerivedK::Scalar, Scalar>,
-                  "attn::KVCache::append: keys and values must have the cache's scalar type");
+    using Computed = detail::compute_scalar_t<Scalar>;
+    static_assert((std::is_same_v<typename DerivedK::Scalar, Scalar> || std::is_same_v<typename DerivedK::Scalar, Computed>) &&
+                      (std::is_same_v<typename DerivedV::Scalar, Scalar> || std::is_same_v<typename DerivedV::Scalar, Computed>),
+                  "attn::KVCache::append: keys and values must have the cache's scalar type, or float for a "
+                  "bfloat16 or half cache (rounded as they are stored)");
     detail::require_shape(operation, detail::operand("keys", keys), keys.rows(), key_width_, "count x key_width");
     detail::require_shape(operation, detail::operand("values", values), keys.rows(), value_width_,
                           "keys.rows() x value_width");
@@ -121,16 +127,16 @@ class KVCache {
     if (count > capacity_ - size(layer) && on_overflow_ == CacheOverflow::grow) {
       // Growing frees the old storage, which the inputs may be views of (copying a layer,
       // or a shared prefix): copy them out first.
-      const Storage new_keys = keys;
-      const Storage new_values = values;
+      const Storage new_keys = keys.template cast<Scalar>();
+      const Storage new_values = values.template cast<Scalar>();
       NewRows rows = extend(layer, count);
       rows.keys = new_keys;
       rows.values = new_values;
       return;
     }
     NewRows rows = extend(layer, count);
-    rows.keys = keys;
-    rows.values = values;
+    rows.keys = keys.template cast<Scalar>();
+    rows.values = values.template cast<Scalar>();
   }
 
   /// Grows every layer's storage to hold `capacity` tokens, keeping what is stored; never

@@ -11,6 +11,7 @@
 #include <Eigen/Core>
 
 #include "../error.hpp"
+#include "../precision.hpp"
 
 namespace attn::detail {
 
@@ -21,6 +22,19 @@ constexpr void require_floating_point() noexcept {
   static_assert(!Eigen::NumTraits<Scalar>::IsInteger && !Eigen::NumTraits<Scalar>::IsComplex,
                 "attn requires a floating-point scalar (float or double): attention weights are "
                 "fractions that integer (or complex) matrices cannot hold");
+  static_assert(!is_reduced_precision_v<Scalar>,
+                "attn: this operation computes in its operands' scalar, and bfloat16 or half would "
+                "accumulate in 16 bits; flash_attention (and a KVCache) take 16-bit operands and "
+                "compute in float, or convert with .cast<float>()");
+}
+
+/// For operands that may be stored in 16 bits (see precision.hpp): float, double,
+/// bfloat16 or half.
+template <typename Storage>
+constexpr void require_storage_scalar() noexcept {
+  static_assert(std::is_same_v<Storage, float> || std::is_same_v<Storage, double> ||
+                    std::is_same_v<Storage, Eigen::bfloat16> || std::is_same_v<Storage, Eigen::half>,
+                "attn: operands are stored as float, double, attn::bfloat16 or attn::half");
 }
 
 /// The plain matrix a result is returned in, carrying the inputs' compile-time sizes so
@@ -137,6 +151,16 @@ constexpr void require_same_scalar() noexcept {
   static_assert((std::is_same_v<typename First::Scalar, typename Rest::Scalar> && ...),
                 "attn: all operands must have the same scalar type; convert one with "
                 ".cast<float>() or .cast<double>()");
+}
+
+/// An output of a kernel computing in `Scalar`: in `Scalar`, or stored in 16 bits
+/// (rounded from `Scalar` once, at the end).
+template <typename Out, typename Scalar>
+constexpr void require_output_scalar() noexcept {
+  using Stored = typename std::decay_t<Out>::Scalar;
+  static_assert(std::is_same_v<compute_scalar_t<Stored>, Scalar>,
+                "attn: the output must have the scalar the kernel computes in (float for bfloat16 and "
+                "half operands), or be bfloat16 or half over a float computation");
 }
 
 template <typename Out>

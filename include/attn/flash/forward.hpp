@@ -3,6 +3,8 @@
 /// The tiled kernel's forward pass after its checks: plan the call, run its work items over
 /// the threads, merge the key split's chunks in a fixed order.
 
+#include <type_traits>
+
 #include <Eigen/Core>
 
 #include "../detail/parallel.hpp"
@@ -19,7 +21,8 @@ namespace attn::detail {
 
 /// The plan of a call with these options: the masks' band bounds the keys, 0 threads means
 /// all that OpenMP offers. Also what a caller reserving a workspace ahead of time plans with.
-template <typename Scalar>
+/// `KeyStorage` and `ValueStorage` are the scalars k and v are stored in.
+template <typename KeyStorage = void, typename ValueStorage = KeyStorage, typename Scalar>
 TilePlan plan_attention(Eigen::Index n_q, Eigen::Index n_k, Heads heads, Eigen::Index d_k, Eigen::Index d_v,
                         const AttentionOptions<Scalar>& options, Eigen::Index block_q = 0, Eigen::Index block_k = 0) {
   const KeyBand band(options, n_q, n_k);
@@ -34,6 +37,8 @@ TilePlan plan_attention(Eigen::Index n_q, Eigen::Index n_k, Heads heads, Eigen::
   shape.threads = resolve_thread_count(options.num_threads);
   shape.block_q = block_q;
   shape.block_k = block_k;
+  shape.stage_keys = !std::is_void_v<KeyStorage> && !std::is_same_v<KeyStorage, Scalar>;
+  shape.stage_values = !std::is_void_v<ValueStorage> && !std::is_same_v<ValueStorage, Scalar>;
   return plan_tiles<Scalar>(shape);
 }
 
@@ -90,7 +95,8 @@ void run_flash_attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::Matr
                          Eigen::Index block_q, Eigen::Index block_k) {
   const Eigen::Index d_k = q.cols() / heads.num_heads;
   const Eigen::Index d_v = v.cols() / heads.num_kv_heads;
-  const TilePlan plan = plan_attention(q.rows(), k.rows(), heads, d_k, d_v, options, block_q, block_k);
+  const TilePlan plan = plan_attention<typename DerivedK::Scalar, typename DerivedV::Scalar>(
+      q.rows(), k.rows(), heads, d_k, d_v, options, block_q, block_k);
   WorkspaceAccess::start_call(workspace);
   if (plan.items == 0) return;
   workspace.reserve(plan);
@@ -111,10 +117,19 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
                                Lse& lse, Workspace<Scalar>& workspace) {
   static_assert(BlockQ >= 0 && BlockK >= 0,
                 "attn::flash_attention: tile sizes must be positive (or 0 for the default)");
-  decltype(auto) out_map = kernel_output(out);
   decltype(auto) lse_map = kernel_output(lse);
-  run_flash_attention(kernel_operand(q), kernel_operand(k), kernel_operand(v), heads, options, mods, out_map, lse_map,
-                      workspace, BlockQ, BlockK);
+  if constexpr (is_reduced_precision_v<typename Out::Scalar>) {
+    // A 16-bit output is rounded once, from the finished float rows: the key split's
+    // merge and the normalisation stay in float.
+    auto computed = WorkspaceAccess::out(workspace, out.rows(), out.cols());
+    run_flash_attention(kernel_operand(q), kernel_operand(k), kernel_operand(v), heads, options, mods, computed,
+                        lse_map, workspace, BlockQ, BlockK);
+    out = computed.template cast<typename Out::Scalar>();
+  } else {
+    decltype(auto) out_map = kernel_output(out);
+    run_flash_attention(kernel_operand(q), kernel_operand(k), kernel_operand(v), heads, options, mods, out_map,
+                        lse_map, workspace, BlockQ, BlockK);
+  }
 }
 
 /// As above, with the log-sum-exp written to the workspace's scratch, for callers who want

@@ -1,10 +1,12 @@
 #pragma once
 /// @file
 /// The tiled kernel's pieces, each a function of one step: the scaled queries of a block,
-/// a score tile (the tile product), the masks of a tile's row, the online-softmax update,
-/// the value accumulation, and the normalisation at the end. `attend_query_block` runs them
-/// over a work item's keys. A different tile product (a hand-written micro-kernel, a
-/// reduced-precision tile) replaces `score_tile` or `accumulate_values` and nothing else.
+/// the key and value tiles in the kernel's scalar (converted from 16-bit storage), a score
+/// tile (the tile product), the masks of a tile's row, the online-softmax update, the value
+/// accumulation, and the normalisation at the end. `attend_query_block` runs them over a
+/// work item's keys. Another storage (8-bit blocks) replaces `operand_tile`, a different
+/// tile product (a hand-written micro-kernel) `score_tile` or `accumulate_values`, and
+/// nothing else.
 
 #include <algorithm>
 #include <cmath>
@@ -53,7 +55,8 @@ auto load_queries(const Problem& problem, TileSlot<Scalar>& slot, const QueryBlo
   const Scalar query_scale = scale_queries_first(problem.scale) ? problem.scale : Scalar(1);
   for (Eigen::Index h = 0; h < block.heads; ++h) {
     queries.middleRows(h * block.queries, block.queries).noalias() =
-        query_scale * problem.q.block(block.first_query, (block.first_head + h) * d_k, block.queries, d_k);
+        query_scale *
+        problem.q.block(block.first_query, (block.first_head + h) * d_k, block.queries, d_k).template cast<Scalar>();
   }
   return queries;
 }
@@ -66,15 +69,55 @@ void start_rows(TileSlot<Scalar>& slot, Eigen::Index rows, Eigen::Index d_v) {
   slot.row_sum.head(rows).setZero();
 }
 
+/// rows [first_row, first_row + count) of head `kv_head`'s columns of `operand`, in the
+/// kernel's scalar: the operand's own block, or, for an operand stored in 16 bits, the block
+/// converted into `storage`, in the operand's storage order (a vectorised copy). Converted
+/// once per tile and query block, so that every product runs on float operands.
+template <typename Scalar, typename Operand>
+decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand, Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage,
+                            Eigen::Index kv_head, Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
+  const auto block = operand.block(first_row, kv_head * width, count, width);
+  if constexpr (std::is_same_v<typename Operand::Scalar, Scalar>) {
+    return block;
+  } else {
+    constexpr int order = Operand::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+    using Tile = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, order>;
+    if constexpr (is_unit_stride_v<Operand>) {
+      // One contiguous run per row (row-major) or column, widened with SIMD.
+      const Eigen::Index runs = Operand::IsRowMajor ? count : width;
+      const Eigen::Index run_length = Operand::IsRowMajor ? width : count;
+      for (Eigen::Index run = 0; run < runs; ++run) {
+        widen(block.data() + run * block.outerStride(), storage.data() + run * run_length, run_length);
+      }
+    } else {
+      Eigen::Map<Tile>(storage.data(), count, width) = block.template cast<Scalar>();
+    }
+    return Eigen::Map<const Tile>(storage.data(), count, width);
+  }
+}
+
+/// Keys [first_key, first_key + count) of `kv_head`, in the kernel's scalar.
+template <typename Problem, typename Scalar>
+decltype(auto) key_tile(const Problem& problem, TileSlot<Scalar>& slot, Eigen::Index kv_head, Eigen::Index first_key,
+                        Eigen::Index count) {
+  return operand_tile(problem.k, slot.key_storage, kv_head, first_key, count, problem.plan.d_k);
+}
+
+/// Values [first_key, first_key + count) of `kv_head`, in the kernel's scalar.
+template <typename Problem, typename Scalar>
+decltype(auto) value_tile(const Problem& problem, TileSlot<Scalar>& slot, Eigen::Index kv_head,
+                          Eigen::Index first_key, Eigen::Index count) {
+  return operand_tile(problem.v, slot.value_storage, kv_head, first_key, count, problem.plan.d_v);
+}
+
 /// scores: (rows × cols) = queries · keys [first_key, first_key + cols) of `kv_head`ᵀ, in
 /// the slot's score tile.
 template <typename Problem, typename Scalar, typename Queries>
 auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& queries, Eigen::Index kv_head,
                 Eigen::Index first_key, Eigen::Index cols) {
-  const Eigen::Index d_k = problem.plan.d_k;
   Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
       slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(problem.plan.score_stride));
-  scores.noalias() = queries * problem.k.block(first_key, kv_head * d_k, cols, d_k).transpose();
+  scores.noalias() = queries * key_tile(problem, slot, kv_head, first_key, cols).transpose();
   if (!scale_queries_first(problem.scale)) scores *= problem.scale;
   return scores;
 }
@@ -200,16 +243,13 @@ void online_softmax_masked_row(const Row& score_row, const Values& values, Scala
 }
 
 /// accumulator += weights · values: (rows × cols)·(cols × d_v), in the plan's slices of keys.
-template <typename Problem, typename Weights, typename Accumulator>
-void accumulate_values(const Problem& problem, const Weights& weights, Eigen::Index kv_head, Eigen::Index first_key,
-                       Accumulator&& accumulator) {
-  const Eigen::Index d_v = problem.plan.d_v;
+template <typename Weights, typename Values, typename Accumulator>
+void accumulate_values(const TilePlan& plan, const Weights& weights, const Values& values, Accumulator&& accumulator) {
   const Eigen::Index cols = weights.cols();
-  const Eigen::Index slice = problem.plan.value_slice(weights.rows());
+  const Eigen::Index slice = plan.value_slice(weights.rows());
   for (Eigen::Index first = 0; first < cols; first += slice) {
     const Eigen::Index count = std::min(slice, cols - first);
-    accumulator.noalias() +=
-        weights.middleCols(first, count) * problem.v.block(first_key + first, kv_head * d_v, count, d_v);
+    accumulator.noalias() += weights.middleCols(first, count) * values.middleRows(first, count);
   }
 }
 
@@ -236,17 +276,16 @@ void attend_tiles(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem
     ++slot.tiles;
     const bool inside_band = band.key_first(last_query) <= first_key && band.key_end(first_query) >= first_key + cols;
     auto scores = score_tile(problem, slot, queries, kv_head, first_key, cols);
+    decltype(auto) values = value_tile(problem, slot, kv_head, first_key, cols);
     for (Eigen::Index r = 0; r < rows; ++r) {
       mask_score_row(problem, scores.row(r), block.query_of(r), block.head_of(r), first_key, inside_band);
       if constexpr (IsolateMasked) {
-        const Eigen::Index d_v = problem.plan.d_v;
-        online_softmax_masked_row(scores.row(r), problem.v.block(first_key, kv_head * d_v, cols, d_v), slot.row_max(r),
-                                  slot.row_sum(r), accumulator.row(r));
+        online_softmax_masked_row(scores.row(r), values, slot.row_max(r), slot.row_sum(r), accumulator.row(r));
       } else {
         online_softmax_row(scores.row(r), slot.row_max(r), slot.row_sum(r), accumulator.row(r));
       }
     }
-    if constexpr (!IsolateMasked) accumulate_values(problem, scores, kv_head, first_key, accumulator);
+    if constexpr (!IsolateMasked) accumulate_values(problem.plan, scores, values, accumulator);
   }
 }
 

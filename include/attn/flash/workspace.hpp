@@ -26,11 +26,15 @@ struct TileSlot {
   row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> accumulator;  // (block_q × d_v), unnormalised
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> row_max;
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> row_sum;
+  // A key and a value tile converted from 16-bit storage, (block_k × d) each, in the
+  // operand's storage order: only when the plan stages them.
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> key_storage;
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> value_storage;
   std::size_t tiles = 0;  // tiles computed in the last call
 
   std::size_t scalars() const noexcept {
     return static_cast<std::size_t>(queries.size() + score_storage.size() + accumulator.size() + row_max.size() +
-                                    row_sum.size());
+                                    row_sum.size() + key_storage.size() + value_storage.size());
   }
 };
 
@@ -56,6 +60,8 @@ class Workspace {
       detail::grow_to(slot.accumulator, plan.block_q, plan.d_v);
       detail::grow_to(slot.row_max, plan.block_q, 1);
       detail::grow_to(slot.row_sum, plan.block_q, 1);
+      if (plan.stage_keys) detail::grow_to(slot.key_storage, plan.block_k * plan.d_k, 1);
+      if (plan.stage_values) detail::grow_to(slot.value_storage, plan.block_k * plan.d_v, 1);
     }
     detail::grow_to(partial_out_, plan.partial_rows(), plan.d_v);
     detail::grow_to(partial_lse_, plan.partial_rows(), 1);
@@ -64,7 +70,8 @@ class Workspace {
 
   /// Bytes of scratch held now.
   std::size_t bytes() const noexcept {
-    std::size_t scalars = static_cast<std::size_t>(partial_out_.size() + partial_lse_.size() + lse_.size());
+    std::size_t scalars =
+        static_cast<std::size_t>(partial_out_.size() + partial_lse_.size() + lse_.size() + out_.size());
     for (const auto& slot : slots_) scalars += slot.scalars();
     return scalars * sizeof(Scalar);
   }
@@ -87,6 +94,7 @@ class Workspace {
   detail::row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> partial_out_;  // (plan.partial_rows() × d_v)
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> partial_lse_;                          // (plan.partial_rows())
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> lse_;                     // (n_q × H)
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> out_;  // (n_q × H·d_v), for 16-bit outputs only
 };
 
 using Workspacef = Workspace<float>;
@@ -111,6 +119,12 @@ struct WorkspaceAccess {
   template <typename Scalar>
   static auto partial_lse(Workspace<Scalar>& workspace, Eigen::Index first_row, Eigen::Index rows) {
     return workspace.partial_lse_.segment(first_row, rows);
+  }
+  /// The float output (n_q × H·d_v) of a call whose output is stored in 16 bits, grown to fit.
+  template <typename Scalar>
+  static auto out(Workspace<Scalar>& workspace, Eigen::Index n_q, Eigen::Index cols) {
+    grow_to(workspace.out_, n_q, cols);
+    return workspace.out_.topLeftCorner(n_q, cols);
   }
   /// The log-sum-exp scratch (n_q × H) for callers who want none, grown to fit.
   template <typename Scalar>

@@ -18,11 +18,14 @@
 namespace attn {
 
 template <typename Scalar>
-template <typename DerivedX, typename Out>
-void MultiHeadAttention<Scalar>::decode_into(const Eigen::MatrixBase<DerivedX>& x, KVCache<Scalar>& cache,
+template <typename DerivedX, typename Storage, typename Out>
+void MultiHeadAttention<Scalar>::decode_into(const Eigen::MatrixBase<DerivedX>& x, KVCache<Storage>& cache,
                                              Eigen::Index layer, const AttentionOptions<Scalar>& options, Out&& out,
                                              MultiHeadWorkspace<Scalar>& workspace) const {
   constexpr const char* operation = "attn::MultiHeadAttention::decode_into";
+  static_assert(std::is_same_v<detail::compute_scalar_t<Storage>, Scalar>,
+                "attn::MultiHeadAttention::decode_into: the cache must store the module's scalar, or bfloat16 "
+                "or half for a float module");
   detail::require_writable<Out>();
   detail::require_floating_point<typename DerivedX::Scalar>();
   static_assert(std::is_same_v<typename DerivedX::Scalar, Scalar>,
@@ -56,12 +59,12 @@ void MultiHeadAttention<Scalar>::decode_into(const Eigen::MatrixBase<DerivedX>& 
     apply_rope_inplace(queries, n_past, head_dim(), *rope());
     apply_rope_inplace(keys, n_past, head_dim(), *rope());
   }
-  workspace.flash.reserve(
-      detail::plan_attention(n_new, std::max(cache.capacity(), n_total), heads(), head_dim(), head_dim(), step));
+  workspace.flash.reserve(detail::plan_attention<Storage>(n_new, std::max(cache.capacity(), n_total), heads(),
+                                                         head_dim(), head_dim(), step));
 
   auto new_rows = cache.extend(layer, n_new);
-  new_rows.keys = keys;
-  new_rows.values = values;
+  new_rows.keys = keys.template cast<Storage>();
+  new_rows.values = values.template cast<Storage>();
   try {
     attend(queries, cache.keys(layer), cache.values(layer), step, context, workspace.flash);
   } catch (...) {

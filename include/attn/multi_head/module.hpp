@@ -6,6 +6,7 @@
 /// batch.hpp, decoding with a KV cache in decode.hpp.
 
 #include <cstddef>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -18,6 +19,7 @@
 #include "../kv_cache.hpp"
 #include "../mods.hpp"
 #include "../options.hpp"
+#include "../precision.hpp"
 #include "../rope.hpp"
 #include "parameters.hpp"
 
@@ -213,10 +215,16 @@ class MultiHeadAttention : public MultiHeadParameters<Scalar> {
                                       const Eigen::MatrixBase<DerivedDOut>& d_out,
                                       const AttentionOptions<Scalar>& options = {}) const;
 
-  /// A KV cache shaped for this module: `num_layers` layers of `capacity` tokens.
-  KVCache<Scalar> make_cache(Eigen::Index num_layers, Eigen::Index capacity,
-                             CacheOverflow on_overflow = CacheOverflow::throw_error) const {
-    return KVCache<Scalar>(num_layers, kv_width(), kv_width(), capacity, on_overflow);
+  /// A KV cache shaped for this module: `num_layers` layers of `capacity` tokens, stored
+  /// as `Storage`: the module's scalar, or bfloat16 or half for a float module (half the
+  /// memory; each tile is converted back to float as the kernel reads it).
+  template <typename Storage = Scalar>
+  KVCache<Storage> make_cache(Eigen::Index num_layers, Eigen::Index capacity,
+                              CacheOverflow on_overflow = CacheOverflow::throw_error) const {
+    static_assert(std::is_same_v<detail::compute_scalar_t<Storage>, Scalar>,
+                  "attn::MultiHeadAttention::make_cache: a cache stores the module's scalar, or bfloat16 "
+                  "or half for a float module");
+    return KVCache<Storage>(num_layers, kv_width(), kv_width(), capacity, on_overflow);
   }
 
   /// A decode step: self-attention of the new tokens `x` (n_new×E, usually one row) over
@@ -231,13 +239,13 @@ class MultiHeadAttention : public MultiHeadParameters<Scalar> {
   /// the blocking buffers of its matrix products. Overflowing the cache throws
   /// `capacity_error` or grows it (see `CacheOverflow`); if the step throws, the cache is
   /// left as it was. Defined in decode.hpp.
-  template <typename DerivedX, typename Out>
-  void decode_into(const Eigen::MatrixBase<DerivedX>& x, KVCache<Scalar>& cache, Eigen::Index layer,
+  template <typename DerivedX, typename Storage, typename Out>
+  void decode_into(const Eigen::MatrixBase<DerivedX>& x, KVCache<Storage>& cache, Eigen::Index layer,
                    const AttentionOptions<Scalar>& options, Out&& out, MultiHeadWorkspace<Scalar>& workspace) const;
 
   /// A decode step as a new n_new×E matrix (allocates; loops should call `decode_into`).
-  template <typename DerivedX>
-  Matrix decode(const Eigen::MatrixBase<DerivedX>& x, KVCache<Scalar>& cache, Eigen::Index layer,
+  template <typename DerivedX, typename Storage>
+  Matrix decode(const Eigen::MatrixBase<DerivedX>& x, KVCache<Storage>& cache, Eigen::Index layer,
                 const AttentionOptions<Scalar>& options = {}) const {
     Matrix out;
     MultiHeadWorkspace<Scalar> workspace;
