@@ -255,15 +255,13 @@ attn::KVCache<Storage>& cache_for(const attn::MultiHeadAttentionf& module, Eigen
   if (held != std::make_pair(module.num_kv_heads(), length)) {
     cache.reset();  // free the previous one first
     cache = std::make_unique<attn::KVCache<Storage>>(module.make_cache<Storage>(1, length + 1));
-    // Random keys and values written in place, a block of tokens at a time (no length ×
-    // width temporary); a key that a projection of real tokens would give is no faster or
+    // Random keys and values appended a block of tokens at a time (no length × width
+    // temporary); a key that a projection of real tokens would give is no faster or
     // slower to read.
-    auto rows = cache->extend(0, length);
     std::srand(777);
     for (Eigen::Index first = 0; first < length; first += 1024) {
       const Eigen::Index count = std::min<Eigen::Index>(1024, length - first);
-      rows.keys.middleRows(first, count) = Matrix::Random(count, rows.keys.cols()).template cast<Storage>();
-      rows.values.middleRows(first, count) = Matrix::Random(count, rows.values.cols()).template cast<Storage>();
+      cache->append(0, Matrix::Random(count, cache->key_width()), Matrix::Random(count, cache->value_width()));
     }
     held = std::make_pair(module.num_kv_heads(), length);
   }

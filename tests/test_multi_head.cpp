@@ -581,6 +581,31 @@ TEST_CASE("KVCache::append copies a view of the cache itself safely when it grow
   CHECK(cache.size(1) == 0);
 }
 
+TEST_CASE("KVCache stores each KV head's tokens as one run, and keeps them when it grows", "[multi_head][decode]") {
+  // 3 heads of 2 key and 3 value columns; growing from 2 to 4 and then 8 tokens moves
+  // every head's run to its new place.
+  attn::KVCached cache(2, 6, 9, 2, attn::CacheOverflow::grow, 3);
+  CHECK(cache.num_kv_heads() == 3);
+  const Matrix<double> keys = random_matrix<double>(5, 6, 3);
+  const Matrix<double> values = random_matrix<double>(5, 9, 4);
+  cache.append(1, keys.topRows(2), values.topRows(2));
+  cache.append(1, keys.bottomRows(3), values.bottomRows(3));
+  REQUIRE(cache.size(1) == 5);
+  CHECK(cache.capacity() == 5);
+  CHECK(cache.keys(1) == keys);
+  CHECK(cache.values(1) == values);
+  // Head-major: head h's five keys are one row-major run, where the kernel reads them.
+  const auto stored = attn::detail::KVCacheAccess::keys(cache, 1);
+  for (Index head = 0; head < 3; ++head) {
+    CAPTURE(head);
+    CHECK(stored.head_rows(head, 0, 5) == keys.middleCols(2 * head, 2));
+    CHECK(stored.head_rows(head, 0, 5).data() + 5 * 2 <= stored.data + stored.head_stride * (head + 1));
+  }
+  CHECK_THROWS_MATCHES(attn::KVCached(1, 6, 9, 2, attn::CacheOverflow::grow, 4), std::invalid_argument,
+                       attn_test::Message("attn::KVCache: num_kv_heads must be positive and divide both widths, got "
+                                          "num_kv_heads = 4, key_width = 6, value_width = 9"));
+}
+
 TEST_CASE("KVCache::append stores what it is given", "[multi_head][decode]") {
   attn::KVCachef cache(2, 3, 2, 5);
   const Matrix<float> keys = random_matrix<float>(2, 3, 1);

@@ -26,46 +26,113 @@ enum class CacheOverflow {
   grow,         ///< reallocate to at least twice the capacity, keeping the contents
 };
 
+namespace detail {
+
+/// Entry (row, col) of the token-major view of a head-major store (`KVCache::keys`).
+template <typename Stored>
+struct HeadMajorGather {
+  HeadMajorRows<Stored> rows;
+  Stored operator()(Eigen::Index row, Eigen::Index col) const noexcept {
+    return rows.data[(col / rows.width) * rows.head_stride + row * rows.width + col % rows.width];
+  }
+};
+
+struct KVCacheAccess;
+
+}  // namespace detail
+
 /// Keys and values of the tokens seen so far, for each layer of a decoder, stored as
 /// `Scalar`: float or double, or bfloat16 or half (2 bytes a value, read back into float by
-/// the tiled kernel a tile at a time; see precision.hpp). Layer l holds
-/// `size(l)` rows (one per token, oldest first) of `key_width` key and `value_width` value
-/// columns, heads side by side as `flash_attention` takes them (key width = H_kv·d_k).
+/// the tiled kernel a tile at a time; see precision.hpp). Layer l holds `size(l)` tokens
+/// (oldest first) of `key_width` key and `value_width` value columns, heads side by side
+/// as `flash_attention` takes them (key width = H_kv·d_k).
 ///
 /// Storage for `capacity` tokens per layer is allocated up front, so appending within the
 /// capacity never allocates: a decode step costs O(tokens·width) to store its keys and
-/// values, whatever the cache holds. The rows are row-major, so one token's keys are
-/// contiguous and appending writes one stretch of memory.
+/// values, whatever the cache holds. The storage is head-major: each of the
+/// `num_kv_heads` heads keeps its tokens' keys (and values) in one contiguous run, so a
+/// decode step streams every head's cache as one stretch of memory (stored token by
+/// token, a step read 256-byte pieces of 2 KiB rows, one head at a time, and got a third
+/// of the machine's streaming rate). `MultiHeadAttention::make_cache` passes its heads;
+/// a cache built with one head is stored token by token.
 template <typename Scalar>
 class KVCache {
  public:
+  /// One layer's keys (or values): num_kv_heads·capacity rows of one head's width, head h
+  /// in rows [h·capacity, (h + 1)·capacity).
   using Storage = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using ConstRows = Eigen::Block<const Storage>;
+  /// The stored tokens as a size × width expression (heads side by side), read entry by
+  /// entry: for inspecting, comparing and copying, not for a kernel's inner loop.
+  using ConstRows = Eigen::CwiseNullaryOp<detail::HeadMajorGather<Scalar>, Storage>;
   using Rows = Eigen::Block<Storage>;
 
-  /// The rows `extend` made room for, to be written by the caller.
-  struct NewRows {
-    Rows keys;
-    Rows values;
+  /// The rows `extend` made room for, to be written by the caller: `assign` them whole, or
+  /// head by head.
+  class NewRows {
+   public:
+    /// Head `head`'s keys of the new tokens: count × (key_width / num_kv_heads).
+    Rows key_head(Eigen::Index head) const {
+      return Rows(*keys_, head * capacity_ + first_, 0, count_, keys_->cols());
+    }
+    /// Head `head`'s values of the new tokens: count × (value_width / num_kv_heads).
+    Rows value_head(Eigen::Index head) const {
+      return Rows(*values_, head * capacity_ + first_, 0, count_, values_->cols());
+    }
+    /// Writes the new tokens' keys (count × key_width) and values (count × value_width),
+    /// heads side by side, rounded to the cache's scalar.
+    template <typename DerivedK, typename DerivedV>
+    void assign(const Eigen::MatrixBase<DerivedK>& keys, const Eigen::MatrixBase<DerivedV>& values) const {
+      const Eigen::Index key_head_width = keys_->cols();
+      const Eigen::Index value_head_width = values_->cols();
+      for (Eigen::Index head = 0; head < heads_; ++head) {
+        key_head(head) = keys.middleCols(head * key_head_width, key_head_width).template cast<Scalar>();
+        value_head(head) = values.middleCols(head * value_head_width, value_head_width).template cast<Scalar>();
+      }
+    }
+    Eigen::Index count() const noexcept { return count_; }
+
+   private:
+    friend class KVCache;
+    NewRows(Storage& keys, Storage& values, Eigen::Index first, Eigen::Index count, Eigen::Index heads,
+            Eigen::Index capacity) noexcept
+        : keys_(&keys), values_(&values), first_(first), count_(count), heads_(heads), capacity_(capacity) {}
+
+    Storage* keys_;
+    Storage* values_;
+    Eigen::Index first_;
+    Eigen::Index count_;
+    Eigen::Index heads_;
+    Eigen::Index capacity_;
   };
 
+  /// `num_kv_heads` must divide both widths; it only decides the storage order (see above).
   KVCache(Eigen::Index num_layers, Eigen::Index key_width, Eigen::Index value_width, Eigen::Index capacity,
-          CacheOverflow on_overflow = CacheOverflow::throw_error)
-      : key_width_(key_width), value_width_(value_width), capacity_(capacity), on_overflow_(on_overflow) {
+          CacheOverflow on_overflow = CacheOverflow::throw_error, Eigen::Index num_kv_heads = 1)
+      : key_width_(key_width),
+        value_width_(value_width),
+        capacity_(capacity),
+        heads_(num_kv_heads),
+        on_overflow_(on_overflow) {
     detail::require_storage_scalar<Scalar>();
     if (num_layers < 1 || key_width < 0 || value_width < 0 || capacity < 0) {
       detail::raise<std::invalid_argument>(
           "attn::KVCache: need num_layers >= 1 and non-negative widths and capacity, got num_layers = ", num_layers,
           ", key_width = ", key_width, ", value_width = ", value_width, ", capacity = ", capacity);
     }
-    keys_.assign(static_cast<std::size_t>(num_layers), Storage(capacity, key_width));
-    values_.assign(static_cast<std::size_t>(num_layers), Storage(capacity, value_width));
+    if (num_kv_heads < 1 || key_width % num_kv_heads != 0 || value_width % num_kv_heads != 0) {
+      detail::raise<std::invalid_argument>("attn::KVCache: num_kv_heads must be positive and divide both widths, got ",
+                                           "num_kv_heads = ", num_kv_heads, ", key_width = ", key_width,
+                                           ", value_width = ", value_width);
+    }
+    keys_.assign(static_cast<std::size_t>(num_layers), Storage(heads_ * capacity, key_width / heads_));
+    values_.assign(static_cast<std::size_t>(num_layers), Storage(heads_ * capacity, value_width / heads_));
     sizes_.assign(static_cast<std::size_t>(num_layers), 0);
   }
 
   Eigen::Index num_layers() const noexcept { return static_cast<Eigen::Index>(sizes_.size()); }
   Eigen::Index key_width() const noexcept { return key_width_; }
   Eigen::Index value_width() const noexcept { return value_width_; }
+  Eigen::Index num_kv_heads() const noexcept { return heads_; }
   /// Tokens each layer can hold before overflowing.
   Eigen::Index capacity() const noexcept { return capacity_; }
   CacheOverflow on_overflow() const noexcept { return on_overflow_; }
@@ -73,23 +140,23 @@ class KVCache {
   /// Tokens stored in `layer`.
   Eigen::Index size(Eigen::Index layer) const { return sizes_[index(layer)]; }
 
-  /// The stored keys of `layer`: size(layer) × key_width, oldest token first. A view: it
-  /// stays valid until the cache reallocates (`reserve`, or growing on overflow) or is moved.
+  /// The stored keys of `layer`: size(layer) × key_width, oldest token first, heads side by
+  /// side. A view: it stays valid until the cache reallocates (`reserve`, or growing on
+  /// overflow) or is moved.
   ConstRows keys(Eigen::Index layer) const {
     const std::size_t l = index(layer);
-    return ConstRows(keys_[l], 0, 0, sizes_[l], key_width_);
+    return Storage::NullaryExpr(sizes_[l], key_width_, detail::HeadMajorGather<Scalar>{rows_of(keys_[l], l)});
   }
 
   /// The stored values of `layer`: size(layer) × value_width.
   ConstRows values(Eigen::Index layer) const {
     const std::size_t l = index(layer);
-    return ConstRows(values_[l], 0, 0, sizes_[l], value_width_);
+    return Storage::NullaryExpr(sizes_[l], value_width_, detail::HeadMajorGather<Scalar>{rows_of(values_[l], l)});
   }
 
   /// Makes room for `count` more tokens in `layer` and returns their rows, uninitialised,
-  /// for the caller to write (a decode step projects straight into them: no copy). Past
-  /// the capacity it throws `capacity_error` (the cache unchanged) or grows, per
-  /// `on_overflow()`.
+  /// for the caller to write. Past the capacity it throws `capacity_error` (the cache
+  /// unchanged) or grows, per `on_overflow()`.
   NewRows extend(Eigen::Index layer, Eigen::Index count) {
     const std::size_t l = index(layer);
     if (count < 0) detail::raise<std::invalid_argument>("attn::KVCache::extend: count must be >= 0, got ", count);
@@ -107,7 +174,7 @@ class KVCache {
       reserve(std::max(first + count, 2 * capacity_));
     }
     sizes_[l] = first + count;
-    return {Rows(keys_[l], first, 0, count, key_width_), Rows(values_[l], first, 0, count, value_width_)};
+    return NewRows(keys_[l], values_[l], first, count, heads_, capacity_);
   }
 
   /// Appends `count` tokens' keys (count × key_width) and values (count × value_width) to
@@ -127,24 +194,22 @@ class KVCache {
     if (count > capacity_ - size(layer) && on_overflow_ == CacheOverflow::grow) {
       // Growing frees the old storage, which the inputs may be views of (copying a layer,
       // or a shared prefix): copy them out first.
-      const Storage new_keys = keys.template cast<Scalar>();
-      const Storage new_values = values.template cast<Scalar>();
-      NewRows rows = extend(layer, count);
-      rows.keys = new_keys;
-      rows.values = new_values;
+      const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> new_keys = keys.template cast<Scalar>();
+      const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> new_values = values.template cast<Scalar>();
+      extend(layer, count).assign(new_keys, new_values);
       return;
     }
-    NewRows rows = extend(layer, count);
-    rows.keys = keys.template cast<Scalar>();
-    rows.values = values.template cast<Scalar>();
+    extend(layer, count).assign(keys, values);
   }
 
   /// Grows every layer's storage to hold `capacity` tokens, keeping what is stored; never
   /// shrinks. Views from `keys`/`values` are invalidated when it reallocates.
   void reserve(Eigen::Index capacity) {
     if (capacity <= capacity_) return;
-    for (auto& keys : keys_) keys.conservativeResize(capacity, key_width_);
-    for (auto& values : values_) values.conservativeResize(capacity, value_width_);
+    for (std::size_t l = 0; l < sizes_.size(); ++l) {
+      keys_[l] = regrown(keys_[l], capacity, sizes_[l]);
+      values_[l] = regrown(values_[l], capacity, sizes_[l]);
+    }
     capacity_ = capacity;
   }
 
@@ -172,11 +237,26 @@ class KVCache {
   }
 
  private:
+  friend struct detail::KVCacheAccess;
+
   std::size_t index(Eigen::Index layer) const {
     if (layer < 0 || layer >= num_layers()) {
       detail::raise<std::out_of_range>("attn::KVCache: layer ", layer, " is out of range [0, ", num_layers(), ")");
     }
     return static_cast<std::size_t>(layer);
+  }
+
+  detail::HeadMajorRows<Scalar> rows_of(const Storage& storage, std::size_t layer) const noexcept {
+    return {storage.data(), sizes_[layer], storage.cols(), heads_, capacity_ * storage.cols()};
+  }
+
+  /// `storage` with room for `capacity` tokens per head, keeping each head's first `size`.
+  Storage regrown(const Storage& storage, Eigen::Index capacity, Eigen::Index size) const {
+    Storage grown(heads_ * capacity, storage.cols());
+    for (Eigen::Index head = 0; head < heads_; ++head) {
+      grown.middleRows(head * capacity, size) = storage.middleRows(head * capacity_, size);
+    }
+    return grown;
   }
 
   std::vector<Storage> keys_;
@@ -185,8 +265,27 @@ class KVCache {
   Eigen::Index key_width_;
   Eigen::Index value_width_;
   Eigen::Index capacity_;
+  Eigen::Index heads_;
   CacheOverflow on_overflow_;
 };
+
+namespace detail {
+
+/// The tiled kernel's way to a layer's keys and values, head by head.
+struct KVCacheAccess {
+  template <typename Scalar>
+  static HeadMajorRows<Scalar> keys(const KVCache<Scalar>& cache, Eigen::Index layer) {
+    const std::size_t l = cache.index(layer);
+    return cache.rows_of(cache.keys_[l], l);
+  }
+  template <typename Scalar>
+  static HeadMajorRows<Scalar> values(const KVCache<Scalar>& cache, Eigen::Index layer) {
+    const std::size_t l = cache.index(layer);
+    return cache.rows_of(cache.values_[l], l);
+  }
+};
+
+}  // namespace detail
 
 using KVCachef = KVCache<float>;
 using KVCached = KVCache<double>;

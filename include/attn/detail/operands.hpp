@@ -133,6 +133,36 @@ decltype(auto) kernel_operand(const Eigen::MatrixBase<Derived>& operand) {
   }
 }
 
+/// Rows of a head-major store as the tiled kernel reads them: `tokens` rows of `heads`
+/// heads of `width` columns, heads side by side as `flash_attention` takes them (column
+/// h·width + c is column c of head h), head h's rows contiguous from data + h·head_stride.
+/// One head's keys of a tile are one run of memory (`head_rows`).
+template <typename Stored>
+struct HeadMajorRows {
+  using Scalar = Stored;
+  static constexpr bool IsRowMajor = true;
+
+  const Stored* data;
+  Eigen::Index tokens;
+  Eigen::Index width;
+  Eigen::Index heads;
+  Eigen::Index head_stride;
+
+  Eigen::Index rows() const noexcept { return tokens; }
+  Eigen::Index cols() const noexcept { return heads * width; }
+  /// Rows [first, first + count) of head `head`: count × width, row-major, contiguous.
+  auto head_rows(Eigen::Index head, Eigen::Index first, Eigen::Index count) const {
+    using Rows = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    return Eigen::Map<const Rows>(data + head * head_stride + first * width, count, width);
+  }
+};
+
+/// A head-major operand (a KV cache's layer) is taken as it is.
+template <typename Stored>
+const HeadMajorRows<Stored>& kernel_operand(const HeadMajorRows<Stored>& operand) noexcept {
+  return operand;
+}
+
 /// The same for an output the kernels write: a map of it, or the output itself.
 template <typename Out>
 decltype(auto) kernel_output(Out& out) {

@@ -87,20 +87,19 @@ void merge_key_chunks(const TilePlan& plan, Workspace<Scalar>& workspace, Out& o
 }
 
 /// Plan, reserve, run, merge, on operands as the kernels take them (`kernel_operand`).
-template <typename DerivedQ, typename DerivedK, typename DerivedV, typename Scalar, typename ScoreMod,
-          typename MaskMod, typename Out, typename Lse>
-void run_flash_attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
-                         const Eigen::MatrixBase<DerivedV>& v, Heads heads, const AttentionOptions<Scalar>& options,
-                         const Mods<ScoreMod, MaskMod>& mods, Out& out, Lse& lse, Workspace<Scalar>& workspace,
-                         Eigen::Index block_q, Eigen::Index block_k) {
+template <typename Queries, typename Keys, typename Values, typename Scalar, typename ScoreMod, typename MaskMod,
+          typename Out, typename Lse>
+void run_flash_attention(const Queries& q, const Keys& k, const Values& v, Heads heads,
+                         const AttentionOptions<Scalar>& options, const Mods<ScoreMod, MaskMod>& mods, Out& out,
+                         Lse& lse, Workspace<Scalar>& workspace, Eigen::Index block_q, Eigen::Index block_k) {
   const Eigen::Index d_k = q.cols() / heads.num_heads;
   const Eigen::Index d_v = v.cols() / heads.num_kv_heads;
-  const TilePlan plan = plan_attention<typename DerivedK::Scalar, typename DerivedV::Scalar>(
+  const TilePlan plan = plan_attention<typename Keys::Scalar, typename Values::Scalar>(
       q.rows(), k.rows(), heads, d_k, d_v, options, block_q, block_k);
   WorkspaceAccess::start_call(workspace);
   if (plan.items == 0) return;
   workspace.reserve(plan);
-  const FlashProblem<Scalar, DerivedQ, DerivedK, DerivedV, ScoreMod, MaskMod> problem{
+  const FlashProblem<Scalar, Queries, Keys, Values, ScoreMod, MaskMod> problem{
       q,    k,    v,    options, mods.score_mod, mods.mask_mod, plan, KeyBand(options, q.rows(), k.rows()),
       options.scale ? *options.scale : default_scale<Scalar>(d_k), heads.num_heads / heads.num_kv_heads};
   run_work_items(problem, workspace, out, lse);
@@ -109,10 +108,9 @@ void run_flash_attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::Matr
 
 /// The tiled kernel's one unchecked entry. The caller has checked the operands and the
 /// options and sized `out` (n_q×(H·d_v)) and `lse` (n_q×H).
-template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK, typename DerivedV, typename Scalar,
+template <int BlockQ = 0, int BlockK = 0, typename Queries, typename Keys, typename Values, typename Scalar,
           typename ScoreMod, typename MaskMod, typename Out, typename Lse>
-void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
-                               const Eigen::MatrixBase<DerivedV>& v, Heads heads,
+void flash_attention_unchecked(const Queries& q, const Keys& k, const Values& v, Heads heads,
                                const AttentionOptions<Scalar>& options, const Mods<ScoreMod, MaskMod>& mods, Out& out,
                                Lse& lse, Workspace<Scalar>& workspace) {
   static_assert(BlockQ >= 0 && BlockK >= 0,
@@ -134,10 +132,9 @@ void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen
 
 /// As above, with the log-sum-exp written to the workspace's scratch, for callers who want
 /// none.
-template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK, typename DerivedV, typename Scalar,
+template <int BlockQ = 0, int BlockK = 0, typename Queries, typename Keys, typename Values, typename Scalar,
           typename ScoreMod, typename MaskMod, typename Out>
-void flash_attention_unchecked(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
-                               const Eigen::MatrixBase<DerivedV>& v, Heads heads,
+void flash_attention_unchecked(const Queries& q, const Keys& k, const Values& v, Heads heads,
                                const AttentionOptions<Scalar>& options, const Mods<ScoreMod, MaskMod>& mods, Out& out,
                                Workspace<Scalar>& workspace) {
   auto lse = WorkspaceAccess::lse(workspace, q.rows(), heads.num_heads);

@@ -27,12 +27,11 @@
 namespace attn::detail {
 
 /// Everything one call's tile passes read.
-template <typename Scalar, typename DerivedQ, typename DerivedK, typename DerivedV, typename ScoreMod,
-          typename MaskMod>
+template <typename Scalar, typename Queries, typename Keys, typename Values, typename ScoreMod, typename MaskMod>
 struct FlashProblem {
-  const Eigen::MatrixBase<DerivedQ>& q;
-  const Eigen::MatrixBase<DerivedK>& k;
-  const Eigen::MatrixBase<DerivedV>& v;
+  const Queries& q;
+  const Keys& k;
+  const Values& v;
   const AttentionOptions<Scalar>& options;
   const ScoreMod& score_mod;
   const MaskMod& mask_mod;
@@ -93,6 +92,19 @@ decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand, Eigen::Ma
       Eigen::Map<Tile>(storage.data(), count, width) = block.template cast<Scalar>();
     }
     return Eigen::Map<const Tile>(storage.data(), count, width);
+  }
+}
+
+/// The same for a head-major operand (a KV cache), whose head's rows are one run.
+template <typename Scalar, typename Stored>
+decltype(auto) operand_tile(const HeadMajorRows<Stored>& operand, Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage,
+                            Eigen::Index kv_head, Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
+  const auto rows = operand.head_rows(kv_head, first_row, count);
+  if constexpr (std::is_same_v<Stored, Scalar>) {
+    return rows;
+  } else {
+    widen(rows.data(), storage.data(), count * width);
+    return Eigen::Map<const row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>>(storage.data(), count, width);
   }
 }
 

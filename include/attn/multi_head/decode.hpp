@@ -62,11 +62,10 @@ void MultiHeadAttention<Scalar>::decode_into(const Eigen::MatrixBase<DerivedX>& 
   workspace.flash.reserve(detail::plan_attention<Storage>(n_new, std::max(cache.capacity(), n_total), heads(),
                                                          head_dim(), head_dim(), step));
 
-  auto new_rows = cache.extend(layer, n_new);
-  new_rows.keys = keys.template cast<Storage>();
-  new_rows.values = values.template cast<Storage>();
+  cache.extend(layer, n_new).assign(keys, values);
   try {
-    attend(queries, cache.keys(layer), cache.values(layer), step, context, workspace.flash);
+    attend(queries, detail::KVCacheAccess::keys(cache, layer), detail::KVCacheAccess::values(cache, layer), step,
+           context, workspace.flash);
   } catch (...) {
     cache.truncate(layer, n_past);
     throw;

@@ -224,7 +224,7 @@ class MultiHeadAttention : public MultiHeadParameters<Scalar> {
     static_assert(std::is_same_v<detail::compute_scalar_t<Storage>, Scalar>,
                   "attn::MultiHeadAttention::make_cache: a cache stores the module's scalar, or bfloat16 "
                   "or half for a float module");
-    return KVCache<Storage>(num_layers, kv_width(), kv_width(), capacity, on_overflow);
+    return KVCache<Storage>(num_layers, kv_width(), kv_width(), capacity, on_overflow, num_kv_heads());
   }
 
   /// A decode step: self-attention of the new tokens `x` (n_new×E, usually one row) over
