@@ -68,13 +68,14 @@ void start_rows(TileSlot<Scalar>& slot, Eigen::Index rows, Eigen::Index d_v) {
   slot.row_sum.head(rows).setZero();
 }
 
-/// rows [first_row, first_row + count) of head `kv_head`'s columns of `operand`, in the
+/// Rows [first_row, first_row + count) of head `kv_head`'s columns of `operand`, in the
 /// kernel's scalar: the operand's own block, or, for an operand stored in 16 bits, the block
 /// converted into `storage`, in the operand's storage order (a vectorised copy). Converted
 /// once per tile and query block, so that every product runs on float operands.
 template <typename Scalar, typename Operand>
-decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand, Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage,
-                            Eigen::Index kv_head, Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
+decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand,
+                            Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage, Eigen::Index kv_head,
+                            Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
   const auto block = operand.block(first_row, kv_head * width, count, width);
   if constexpr (std::is_same_v<typename Operand::Scalar, Scalar>) {
     return block;
