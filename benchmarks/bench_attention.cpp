@@ -18,6 +18,15 @@
 /// and `decode`: one new query (n_q = 1) over a KV cache of n_k keys, causal, flash path,
 /// reporting the rate at which K and V are read.
 ///
+/// Two square n×n×n products, n = 1024 and 2048, c = a·b, column-major (`GFLOP/s`: 2·n³):
+///
+/// - `openblas_sgemm`: OpenBLAS's `cblas_sgemm` (built with `ATTN_BENCHMARK_OPENBLAS`, when
+///            CMake found OpenBLAS): the machine's practical peak for single-precision
+///            FLOPs. Eigen's GEMM is not: on a Zen 3 AVX2 core it reached about half of it.
+///            Threads: `openblas_set_num_threads(t)`.
+/// - `eigen_sgemm`: the same product with Eigen, to set the two peaks side by side in one
+///            run. Threads: `Eigen::setNbThreads(t)`.
+///
 /// Benchmark names carry their arguments: `flash/d:64/H:8/N:1024/causal:1/threads:2/real_time`.
 /// Cases of one shape are registered next to each other (gemm, core, flash, at each thread
 /// count), so ratios between them compare runs made within seconds of each other on a
@@ -47,6 +56,10 @@
 #include <attn/flash.hpp>
 
 #include "bench_common.hpp"
+
+#if defined(ATTN_BENCHMARK_OPENBLAS)
+#include <cblas.h>  // OpenBLAS's own, which declares openblas_set_num_threads
+#endif
 
 namespace {
 
@@ -234,6 +247,53 @@ void BM_gemm(benchmark::State& state) {
   set_scratch(state, static_cast<double>(scores.size()) * sizeof(float));
 }
 
+/// FLOPs of one square n×n×n product: n² sums of n products.
+double square_gemm_flops(Eigen::Index n) {
+  const double size = static_cast<double>(n);
+  return 2.0 * size * size * size;
+}
+
+/// c = a·b, all n×n: as fast as Eigen multiplies a large square product here.
+void BM_eigen_sgemm(benchmark::State& state) {
+  const Eigen::Index n = state.range(0);
+  // a, b: (n × n), the q and k of an n×n input set
+  const Inputs& in = inputs_for(n, n, n);
+  Eigen::setNbThreads(static_cast<int>(state.range(1)));
+  Matrix c = Matrix::Zero(n, n);
+  const LoadProbe probe;
+  for (auto _ : state) {
+    // c: (n × n)·(n × n) → (n × n)
+    c.noalias() = in.q * in.k;
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  probe.report(state);
+  set_rate(state, "GFLOP/s", square_gemm_flops(n) * 1e-9);
+}
+
+#if defined(ATTN_BENCHMARK_OPENBLAS)
+/// The same product through OpenBLAS: the practical peak of this machine for float FLOPs,
+/// which the tiled kernel is measured against (Eigen's reached about half of it on Zen 3).
+void BM_openblas_sgemm(benchmark::State& state) {
+  const Eigen::Index n = state.range(0);
+  const Inputs& in = inputs_for(n, n, n);
+  // OpenBLAS's own thread pool, apart from OpenMP's and Eigen's: every case sets its count.
+  openblas_set_num_threads(static_cast<int>(state.range(1)));
+  Matrix c = Matrix::Zero(n, n);
+  const auto size = static_cast<blasint>(n);
+  const LoadProbe probe;
+  for (auto _ : state) {
+    // c: (n × n)·(n × n) → (n × n), column-major, leading dimension n
+    cblas_sgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, size, size, size, 1.0f, in.q.data(), size, in.k.data(),
+                size, 0.0f, c.data(), size);
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  probe.report(state);
+  set_rate(state, "GFLOP/s", square_gemm_flops(n) * 1e-9);
+}
+#endif
+
 /// Decoding: the newest token's query against the whole cache (causal, bottom-right
 /// aligned, so it sees every key). With one query block the kernel splits the keys into
 /// chunks and merges them, which is what lets two threads share one query.
@@ -314,9 +374,33 @@ void register_attention(Eigen::Index d, Eigen::Index num_heads, Eigen::Index n) 
   }
 }
 
+/// The square GEMM peaks, OpenBLAS (when built with it) and Eigen, at each n and thread
+/// count. Three repetitions, as the shapes the targets compare them with.
+void register_peaks(std::int64_t max_n) {
+  for (const std::int64_t n : {1024, 2048}) {
+    if (n > max_n) continue;
+    for (const int threads : thread_counts()) {
+#if defined(ATTN_BENCHMARK_OPENBLAS)
+      configure(benchmark::RegisterBenchmark("openblas_sgemm", BM_openblas_sgemm)
+                    ->ArgNames({"n", "threads"})
+                    ->Args({n, threads}),
+                3);
+#endif
+      configure(benchmark::RegisterBenchmark("eigen_sgemm", BM_eigen_sgemm)
+                    ->ArgNames({"n", "threads"})
+                    ->Args({n, threads}),
+                3);
+    }
+  }
+}
+
 void register_all(std::int64_t max_n) {
   for (const Eigen::Index d : {64, 128}) {
     for (const Eigen::Index n : {128, 256, 512, 1024, 2048, 4096, 8192}) {
+      // The peaks run just before the first shape the targets set against them (d = 64,
+      // N = 1024), for the reason above: seconds from flash's cases, not minutes; the
+      // d = 128 rows compare with the same measurement, a few minutes older.
+      if (d == 64 && n == 1024) register_peaks(max_n);
       if (n <= max_n) register_attention(d, 8, n);
     }
     // One head at 16k: 1 GiB of n×n weights for the core path.
@@ -339,6 +423,11 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   attn_bench::add_common_context();
+#if defined(ATTN_BENCHMARK_OPENBLAS)
+  // Which kernels OpenBLAS chose for this CPU: Debian's build picks them at run time.
+  benchmark::AddCustomContext("openblas_config", openblas_get_config());
+  benchmark::AddCustomContext("openblas_corename", openblas_get_corename());
+#endif
   register_all(max_n);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -5,7 +5,9 @@
         [--torch benchmarks/results/torch.json] [--peak-memory benchmarks/results/peak_memory.txt]
 
 Every ratio compares cases of the same run (same build, same machine, minutes apart).
-GFLOP/s ratios are time ratios of the same FLOP count, so flash / gemm = t_gemm / t_flash.
+GFLOP/s ratios are time ratios of the same FLOP count, so flash / gemm = t_gemm / t_flash;
+against the square sgemm peaks (openblas_sgemm, eigen_sgemm: n×n×n, 2·n³ FLOPs) they are
+rates of different work, flash's useful FLOPs per second over the BLAS's.
 Also imported by plot.py for `load_runs`. Standard library only.
 """
 
@@ -17,6 +19,10 @@ import sys
 
 MiB = 1 << 20
 ARG = re.compile(r"^([A-Za-z_]+):(-?\d+)$")
+# The square GEMM peaks: implementation -> label. Their keys have no d and no H (None) and
+# hold the product's size n where the attention cases hold N.
+PEAKS = {"openblas_sgemm": "OpenBLAS sgemm", "eigen_sgemm": "Eigen sgemm"}
+PEAK_N = 2048  # the peak the targets read
 
 
 def parse_name(name):
@@ -62,14 +68,25 @@ def load_runs(*paths):
                 if field in entry:
                     entry[field] = statistics.median(e[field] for e in entries)
         entry["real_time_ms"] = to_ms(entry["real_time"], entry.get("time_unit", "ns"))
-        key = (impl, args.get("d"), args.get("H"), args.get("N", args.get("n_k")), args.get("causal", 1 if impl == "decode" else 0),
-               args.get("threads", 1))
+        key = (impl, args.get("d"), args.get("H"), args.get("N", args.get("n_k", args.get("n"))),
+               args.get("causal", 1 if impl == "decode" else 0), args.get("threads", 1))
         runs[key] = entry
     return runs
 
 
 def to_ms(value, unit):
     return value * {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def is_attention(key):
+    """An attention case (attn's or torch's): not a decode step, not a square GEMM peak."""
+    return key[0] != "decode" and key[0] not in PEAKS
+
+
+def sgemm_peak(runs, impl, n=PEAK_N, threads=1):
+    """A square GEMM peak's entry, or None when the run has none (attn_bench built without
+    OpenBLAS, or run with --attn_max_n below n)."""
+    return runs.get((impl, None, None, n, 0, threads))
 
 
 def max_threads(runs):
@@ -132,9 +149,10 @@ def table(runs, peak=None, d=64, heads=8):
     def get(impl, n, causal, threads):
         return runs.get((impl, d, heads, n, causal, threads))
 
-    def add(target, case, value, goal, at_least, entries=(), digits=2):
+    def add(target, case, value, goal, at_least, entries=(), digits=2, note=""):
         shared = max((e.get("other_cpus", 0.0) for e in entries if e), default=0.0)
-        note = f"other processes used {shared:.2f} CPUs" if shared > SHARED else ""
+        if shared > SHARED:
+            note = "; ".join(filter(None, (note, f"other processes used {shared:.2f} CPUs")))
         rows.append((target, case, fmt(value, digits), ("≥ " if at_least else "≤ ") + f"{goal:g}",
                      verdict(value, goal, at_least), note))
 
@@ -165,6 +183,24 @@ def table(runs, peak=None, d=64, heads=8):
             (flash["max_rss_bytes"] - flash.get("input_bytes", 0)) / MiB, 16, False, digits=1)
     else:
         add("5 flash peak RSS − inputs, MiB", "N = 16384, H = 1, d = 64", None, 16, False)
+    # flash against the machine's practical peak (a tuned BLAS's sgemm) and Eigen's, both
+    # square n = 2048 products on 1 thread; at d = 64 and d = 128.
+    for number, impl in (("6a", "openblas_sgemm"), ("6b", "eigen_sgemm")):
+        target = f"{number} flash / {PEAKS[impl]} {PEAK_N}³ (1 thread)"
+        reference = sgemm_peak(runs, impl)
+        if reference is None or "GFLOP/s" not in reference:
+            if any(key[0] == impl for key in runs):
+                why = f"no {impl}/n:{PEAK_N}/threads:1 in this run (--attn_max_n < {PEAK_N}?)"
+            else:
+                why = f"no {impl} case in this run" + (
+                    " (attn_bench built without OpenBLAS: libopenblas-dev)" if impl == "openblas_sgemm" else "")
+            add(target, "d = 64, 128; N = 1024 … 8192", None, 0.8, True, note=why)
+            continue
+        for flash_d in (64, 128):
+            for n in (1024, 2048, 4096, 8192):
+                flash = runs.get(("flash", flash_d, heads, n, 0, 1))
+                add(target, f"d = {flash_d}, N = {n}", ratio(rate(flash), rate(reference)), 0.8, True,
+                    (flash, reference))
 
     lines = [f"d = {d}, H = {heads}, fp32, non-causal unless stated; ratios of GFLOP/s within one run",
              "",
@@ -199,7 +235,7 @@ def gflops_table(runs, d=64, causal=0):
     """GFLOP/s per implementation and thread count against N, for the README."""
     impls = [i for i in ("gemm", "flash", "core", "torch_naive", "torch_sdpa")
              if any(k[0] == i for k in runs)]
-    threads = sorted({k[5] for k in runs if k[0] != "decode"})
+    threads = sorted({k[5] for k in runs if is_attention(k)})
     columns = [(i, t) for i in impls for t in threads]
     # H = 8 at every N, then the single-head N = 16384 case
     shapes = sorted({(-k[2], k[3]) for k in runs if k[1] == d and k[0] != "decode"})
@@ -211,6 +247,23 @@ def gflops_table(runs, d=64, causal=0):
     for minus_heads, n in shapes:
         cells = [cell(runs.get((i, d, -minus_heads, n, 0 if i == "gemm" else causal, t))) for i, t in columns]
         lines.append(f"| {-minus_heads} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def peaks_table(runs):
+    """GFLOP/s of the square GEMM peaks (n×n×n, 2·n³ FLOPs per call) the targets 6a, 6b read."""
+    keys = sorted(k for k in runs if k[0] in PEAKS)
+    if not keys:
+        return ""
+    threads = sorted({k[5] for k in keys})
+    lines = [f"Square sgemm peaks, GFLOP/s (n×n×n, column-major; †: other processes used > {SHARED} CPUs)",
+             "",
+             "| GEMM | n | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
+             "|---|---|" + "---|" * len(threads)]
+    for impl in PEAKS:
+        for n in sorted({k[3] for k in keys if k[0] == impl}):
+            cells = [cell(runs.get((impl, None, None, n, 0, t))) for t in threads]
+            lines.append(f"| {PEAKS[impl]} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -240,10 +293,14 @@ def main():
     peak = parse_peak_memory(args.peak_memory) if args.peak_memory else None
     print(table(runs, peak))
     print()
+    peaks = peaks_table(runs)
+    if peaks:
+        print(peaks)
+        print()
     if peak:
         print(peak_memory_table(peak))
         print()
-    for d in sorted({k[1] for k in runs if k[0] != "decode"}):
+    for d in sorted({k[1] for k in runs if is_attention(k)}):
         for causal in (0, 1):
             print(gflops_table(runs, d=d, causal=causal))
             print()
