@@ -391,6 +391,50 @@ TEMPLATE_TEST_CASE("huge logits stay exact in the tiled kernel", "[flash]", floa
   CHECK(max_abs_difference(flash, reference) <= 1e4 * 16 * std::numeric_limits<Scalar>::epsilon());
 }
 
+TEST_CASE("every kind of operand gives the plain matrices' result: blocks, maps, strides, expressions",
+          "[flash][operands]") {
+  // Operands stored with unit inner stride reach the kernel as one map type per storage
+  // order (the same code, so the same bits); the rest (an inner stride, an expression)
+  // are read where they are, by code of their own, and agree to rounding.
+  const Index n_q = 70, n_k = 300, d = 32;
+  const attn::Heads heads{2, 1};
+  const Matrix<float> q = random_matrix<float>(n_q, 2 * d, 61);
+  const Matrix<float> k = random_matrix<float>(n_k, d, 62);
+  const Matrix<float> v = random_matrix<float>(n_k, d, 63);
+  attn::AttentionOptionsf options;
+  options.causal = true;
+  const Matrix<float> expected = attn::flash_attention(q, k, v, heads, options);
+
+  // A block of a larger matrix, and a Map over it with its outer stride.
+  Matrix<float> wide = Matrix<float>::Zero(n_k + 5, d + 3);
+  wide.block(2, 1, n_k, d) = k;
+  const Eigen::Map<const Matrix<float>, 0, Eigen::OuterStride<>> k_map(&wide(2, 1), n_k, d,
+                                                                       Eigen::OuterStride<>(wide.outerStride()));
+  CHECK(attn::flash_attention(q, wide.block(2, 1, n_k, d), v, heads, options) == expected);
+  CHECK(attn::flash_attention(q, k_map, v, heads, options) == expected);
+
+  // Every other row of a buffer: an inner stride of 2, which no map of unit stride holds.
+  Matrix<float> interleaved = Matrix<float>::Zero(2 * n_k, d);
+  for (Index i = 0; i < n_k; ++i) interleaved.row(2 * i) = v.row(i);
+  const Eigen::Map<const Matrix<float>, 0, Eigen::Stride<Eigen::Dynamic, 2>> v_strided(
+      interleaved.data(), n_k, d, Eigen::Stride<Eigen::Dynamic, 2>(2 * n_k, 2));
+  const double bound = 2e-6 * expected.cwiseAbs().maxCoeff();
+  CHECK(max_abs_difference(attn::flash_attention(q, k, v_strided, heads, options), expected) <= bound);
+  // An expression without storage: halving and doubling are exact.
+  const Matrix<float> half_k = k / 2;
+  CHECK(max_abs_difference(attn::flash_attention(q, half_k * 2.0f, v, heads, options), expected) <= bound);
+
+  // 16-bit keys through a stride too: converted entry by entry rather than in runs.
+  const Matrix<attn::bfloat16> k16 = k.cast<attn::bfloat16>();
+  Matrix<attn::bfloat16> k16_interleaved = Matrix<attn::bfloat16>::Zero(2 * n_k, d);
+  for (Index i = 0; i < n_k; ++i) k16_interleaved.row(2 * i) = k16.row(i);
+  const Eigen::Map<const Matrix<attn::bfloat16>, 0, Eigen::Stride<Eigen::Dynamic, 2>> k16_strided(
+      k16_interleaved.data(), n_k, d, Eigen::Stride<Eigen::Dynamic, 2>(2 * n_k, 2));
+  const Matrix<float> from_k16 = attn::flash_attention(q, k16, v, heads, options);
+  CHECK(max_abs_difference(attn::flash_attention(q, k16_strided, v, heads, options), from_k16) <=
+        2e-6 * from_k16.cwiseAbs().maxCoeff());
+}
+
 TEST_CASE("flash_attention rejects inconsistent heads and shapes", "[flash][errors]") {
   const Eigen::MatrixXf q = Eigen::MatrixXf::Ones(3, 8);
   const Eigen::MatrixXf k = Eigen::MatrixXf::Ones(5, 4);

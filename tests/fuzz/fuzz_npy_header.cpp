@@ -68,6 +68,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // The input as a whole file (the corpus holds valid files to mutate).
   load<double>(input);
   load<float>(input);
+  load<Eigen::half>(input);
 
   // The input as a header dict framed into a version 1.0 file with 24 bytes of data, so
   // that mutated headers reach the data checks and the decoding as well.
@@ -79,6 +80,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     file.append(24, '\x3f');
     load<double>(file);
     load<float>(file);
+    load<Eigen::half>(file);
   }
   return 0;
 }
