@@ -83,11 +83,16 @@ decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand,
     constexpr int order = Operand::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
     using Tile = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, order>;
     if constexpr (is_unit_stride_v<Operand>) {
-      // One contiguous run per row (row-major) or column, widened with SIMD.
+      // One contiguous run per row (row-major) or column, widened with SIMD; a block whose
+      // runs follow each other (a KV cache head's rows) is a single run.
       const Eigen::Index runs = Operand::IsRowMajor ? count : width;
       const Eigen::Index run_length = Operand::IsRowMajor ? width : count;
-      for (Eigen::Index run = 0; run < runs; ++run) {
-        widen(block.data() + run * block.outerStride(), storage.data() + run * run_length, run_length);
+      if (block.outerStride() == run_length) {
+        widen(block.data(), storage.data(), runs * run_length);
+      } else {
+        for (Eigen::Index run = 0; run < runs; ++run) {
+          widen(block.data() + run * block.outerStride(), storage.data() + run * run_length, run_length);
+        }
       }
     } else {
       Eigen::Map<Tile>(storage.data(), count, width) = block.template cast<Scalar>();
@@ -96,17 +101,11 @@ decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand,
   }
 }
 
-/// The same for a head-major operand (a KV cache), whose head's rows are one run.
+/// The same for a head-major operand (a KV cache): its head's rows are a matrix of their own.
 template <typename Scalar, typename Stored>
 decltype(auto) operand_tile(const HeadMajorRows<Stored>& operand, Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage,
                             Eigen::Index kv_head, Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
-  const auto rows = operand.head_rows(kv_head, first_row, count);
-  if constexpr (std::is_same_v<Stored, Scalar>) {
-    return rows;
-  } else {
-    widen(rows.data(), storage.data(), count * width);
-    return Eigen::Map<const row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>>(storage.data(), count, width);
-  }
+  return operand_tile(operand.head_rows(kv_head, first_row, count), storage, 0, 0, count, width);
 }
 
 /// Keys [first_key, first_key + count) of `kv_head`, in the kernel's scalar.
