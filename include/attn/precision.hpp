@@ -14,7 +14,7 @@
 
 #include <Eigen/Core>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(EIGEN_VECTORIZE_SSE2)
 #include <immintrin.h>
 #endif
 
@@ -79,6 +79,51 @@ void widen(const Storage* from, float* to, Eigen::Index count) noexcept {
     }
 #endif
     widen_reference(from + i, to + i, count - i);
+  }
+}
+
+/// One packet of Eigen's float SIMD (`packet_traits<float>::type`: 16 floats on
+/// AVX-512, 8 on AVX, 4 on SSE) loaded from `from`, stored as float, bfloat16 or half,
+/// so that a kernel reading 16-bit storage converts in registers, with no scratch between
+/// the load and the arithmetic. The same conversions as `widen`; where the build has no
+/// vector conversion for the type (half without F16C), `widen_reference` through a
+/// buffer on the stack.
+template <typename Storage>
+EIGEN_ALWAYS_INLINE Eigen::internal::packet_traits<float>::type load_float_packet(const Storage* from) noexcept {
+  using Packet = Eigen::internal::packet_traits<float>::type;
+  constexpr int size = Eigen::internal::packet_traits<float>::size;
+  if constexpr (std::is_same_v<Storage, float>) {
+    return Eigen::internal::ploadu<Packet>(from);
+  } else {
+    static_assert(is_reduced_precision_v<Storage>, "attn: load_float_packet reads float, bfloat16 or half");
+    [[maybe_unused]] const auto* bits = reinterpret_cast<const unsigned char*>(from);
+#if defined(EIGEN_VECTORIZE_AVX512)
+    const __m256i stored = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits));
+    if constexpr (std::is_same_v<Storage, Eigen::bfloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(stored), 16));
+    } else {
+      return _mm512_cvtph_ps(stored);
+    }
+#elif defined(EIGEN_VECTORIZE_AVX2)
+    const __m128i stored = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits));
+    if constexpr (std::is_same_v<Storage, Eigen::bfloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(stored), 16));
+    }
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<Storage, Eigen::half>) return _mm256_cvtph_ps(stored);
+#endif
+#elif defined(EIGEN_VECTORIZE_SSE2) && !defined(EIGEN_VECTORIZE_AVX)
+    const __m128i stored = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bits));
+    if constexpr (std::is_same_v<Storage, Eigen::bfloat16>) {
+      return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), stored));
+    }
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<Storage, Eigen::half>) return _mm_cvtph_ps(stored);
+#endif
+#endif
+    alignas(64) float converted[size];
+    widen_reference(from, converted, size);
+    return Eigen::internal::pload<Packet>(converted);
   }
 }
 

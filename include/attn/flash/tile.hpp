@@ -4,9 +4,11 @@
 /// the key and value tiles in the kernel's scalar (converted from 16-bit storage), a score
 /// tile (the tile product), the masks of a tile's row, the online-softmax update, the value
 /// accumulation, and the normalisation at the end. `attend_query_block` runs them over a
-/// work item's keys. Another storage (8-bit blocks) replaces `operand_tile`, a different
-/// tile product (a hand-written micro-kernel) `score_tile` or `accumulate_values`, and
-/// nothing else.
+/// work item's keys. A block of a few rows over keys and values stored row by row (a
+/// decode step over a KV cache) takes the two products of row_products.hpp instead of
+/// Eigen's (`score_tile_by_rows`, `accumulate_value_rows`); everything between them is
+/// shared. Another storage (8-bit blocks) replaces `operand_tile` and the row products'
+/// packet load, and nothing else.
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +24,7 @@
 #include "../scores.hpp"
 #include "../softmax.hpp"
 #include "plan.hpp"
+#include "row_products.hpp"
 #include "workspace.hpp"
 
 namespace attn::detail {
@@ -45,12 +48,16 @@ struct FlashProblem {
 /// once per score, when the scale shrinks (`scale_queries_first`; `score_tile` applies a
 /// growing one to the product). A copy, because a scaled view would make Eigen evaluate a
 /// temporary (an allocation) when a single query row turns the tile product into a
-/// matrix-vector product; column-major like Eigen's default, so that copying from a
-/// column-major q is a vectorised copy.
-template <typename Problem, typename Scalar>
+/// matrix-vector product. Column-major like Eigen's default for the tile products, so
+/// that copying from a column-major q is a vectorised copy; row-major (`Order`) for the
+/// row products, which read a query row as one run.
+template <int Order = Eigen::ColMajor, typename Problem, typename Scalar>
 auto load_queries(const Problem& problem, TileSlot<Scalar>& slot, const QueryBlock& block) {
   const Eigen::Index d_k = problem.plan.d_k;
-  auto queries = slot.queries.topLeftCorner(block.rows(), d_k);
+  using Queries = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Order>;
+  const Eigen::Index outer_stride = Order == Eigen::RowMajor ? d_k : slot.queries.rows();
+  Eigen::Map<Queries, Eigen::Unaligned, Eigen::OuterStride<>> queries(slot.queries.data(), block.rows(), d_k,
+                                                                      Eigen::OuterStride<>(outer_stride));
   const Scalar query_scale = scale_queries_first(problem.scale) ? problem.scale : Scalar(1);
   for (Eigen::Index h = 0; h < block.heads; ++h) {
     queries.middleRows(h * block.queries, block.queries).noalias() =
@@ -130,6 +137,20 @@ auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& q
   Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
       slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(problem.plan.score_stride));
   scores.noalias() = queries * key_tile(problem, slot, kv_head, first_key, cols).transpose();
+  if (!scale_queries_first(problem.scale)) scores *= problem.scale;
+  return scores;
+}
+
+/// `score_tile` for a block of few rows through the row products (row_products.hpp):
+/// queries is row-major.
+template <typename Problem, typename Scalar, typename Queries>
+auto score_tile_by_rows(const Problem& problem, TileSlot<Scalar>& slot, const Queries& queries, Eigen::Index kv_head,
+                        Eigen::Index first_key, Eigen::Index cols) {
+  const Eigen::Index stride = problem.plan.score_stride;
+  Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
+      slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(stride));
+  score_rows(problem.k, kv_head, first_key, cols, problem.plan.d_k, queries.data(), queries.rows(), scores.data(),
+             stride);
   if (!scale_queries_first(problem.scale)) scores *= problem.scale;
   return scores;
 }
@@ -271,34 +292,67 @@ void accumulate_values(const TilePlan& plan, const Weights& weights, const Value
 /// `IsolateMasked` takes the slow path of `online_softmax_masked_row` for every row.
 template <bool IsolateMasked, typename Problem, typename Scalar>
 void attend_tiles(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem& item) {
+  using Keys = std::decay_t<decltype(problem.k)>;
+  using Values = std::decay_t<decltype(problem.v)>;
   const QueryBlock& block = item.block;
   const KeyBand& band = problem.band;
   const Eigen::Index rows = block.rows();
   const Eigen::Index first_query = block.first_query;
   const Eigen::Index last_query = first_query + block.queries - 1;
   const Eigen::Index kv_head = block.first_head / problem.heads_per_kv_head;
-  const auto queries = load_queries(problem, slot, block);
+  const Eigen::Index keys_from = std::max(item.key_begin, band.key_first(first_query));
+  const Eigen::Index keys_to = std::min(item.key_end, band.key_end(last_query));
   start_rows(slot, rows, problem.plan.d_v);
   auto accumulator = slot.accumulator.topLeftCorner(rows, problem.plan.d_v);
 
-  const Eigen::Index keys_from = std::max(item.key_begin, band.key_first(first_query));
-  const Eigen::Index keys_to = std::min(item.key_end, band.key_end(last_query));
-  for (Eigen::Index first_key = keys_from; first_key < keys_to; first_key += problem.plan.block_k) {
-    const Eigen::Index cols = std::min(problem.plan.block_k, keys_to - first_key);
-    ++slot.tiles;
-    const bool inside_band = band.key_first(last_query) <= first_key && band.key_end(first_query) >= first_key + cols;
-    auto scores = score_tile(problem, slot, queries, kv_head, first_key, cols);
-    decltype(auto) values = value_tile(problem, slot, kv_head, first_key, cols);
-    for (Eigen::Index r = 0; r < rows; ++r) {
-      mask_score_row(problem, scores.row(r), block.query_of(r), block.head_of(r), first_key, inside_band);
+  // The tiles of keys [keys_from, keys_to): a score tile from `scores_of(first_key, cols)`,
+  // masked and softmaxed row by row, then accumulated by `accumulate(scores, first_key)`
+  // (or, isolating masked keys, key by key from the value tile).
+  const auto for_each_tile = [&](auto&& scores_of, auto&& accumulate) {
+    for (Eigen::Index first_key = keys_from; first_key < keys_to; first_key += problem.plan.block_k) {
+      const Eigen::Index cols = std::min(problem.plan.block_k, keys_to - first_key);
+      ++slot.tiles;
+      const bool inside_band = band.key_first(last_query) <= first_key && band.key_end(first_query) >= first_key + cols;
+      auto scores = scores_of(first_key, cols);
       if constexpr (IsolateMasked) {
-        online_softmax_masked_row(scores.row(r), values, slot.row_max(r), slot.row_sum(r), accumulator.row(r));
+        decltype(auto) values = value_tile(problem, slot, kv_head, first_key, cols);
+        for (Eigen::Index r = 0; r < rows; ++r) {
+          mask_score_row(problem, scores.row(r), block.query_of(r), block.head_of(r), first_key, inside_band);
+          online_softmax_masked_row(scores.row(r), values, slot.row_max(r), slot.row_sum(r), accumulator.row(r));
+        }
       } else {
-        online_softmax_row(scores.row(r), slot.row_max(r), slot.row_sum(r), accumulator.row(r));
+        for (Eigen::Index r = 0; r < rows; ++r) {
+          mask_score_row(problem, scores.row(r), block.query_of(r), block.head_of(r), first_key, inside_band);
+          online_softmax_row(scores.row(r), slot.row_max(r), slot.row_sum(r), accumulator.row(r));
+        }
+        accumulate(scores, first_key);
       }
     }
-    if constexpr (!IsolateMasked) accumulate_values(problem.plan, scores, values, accumulator);
+  };
+
+  if constexpr (!IsolateMasked && has_stored_rows_v<Keys> && has_stored_rows_v<Values>) {
+    if (rows <= row_product_max_rows) {
+      const auto queries = load_queries<Eigen::RowMajor>(problem, slot, block);
+      for_each_tile(
+          [&](Eigen::Index first_key, Eigen::Index cols) {
+            return score_tile_by_rows(problem, slot, queries, kv_head, first_key, cols);
+          },
+          [&](const auto& weights, Eigen::Index first_key) {
+            accumulate_value_rows(problem.v, kv_head, first_key, weights.cols(), problem.plan.d_v, weights.data(),
+                                  weights.outerStride(), rows, accumulator.data(), accumulator.outerStride());
+          });
+      return;
+    }
   }
+  const auto queries = load_queries(problem, slot, block);
+  for_each_tile(
+      [&](Eigen::Index first_key, Eigen::Index cols) {
+        return score_tile(problem, slot, queries, kv_head, first_key, cols);
+      },
+      [&](const auto& weights, Eigen::Index first_key) {
+        accumulate_values(problem.plan, weights, value_tile(problem, slot, kv_head, first_key, weights.cols()),
+                          accumulator);
+      });
 }
 
 /// `attend_tiles`, fast, and again key by key when the output came out non-finite: a NaN

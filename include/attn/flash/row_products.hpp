@@ -1,0 +1,228 @@
+#pragma once
+/// @file
+/// The tile products of a query block of a few rows (a decode step: one query per head, or
+/// a GQA group's few heads), written out over Eigen's SIMD packets. There the two tile
+/// products are matrix-vector products whose cost is reading the keys and values once
+/// from memory: through Eigen's products, a 16-bit tile is first widened into a 128 KiB
+/// float tile and read again, and the memory sits idle while each product, the softmax
+/// and the next widening run one after the other. Here keys and values are read in
+/// groups of `row_group` rows: a group is widened into L1-resident scratch (or, stored
+/// in the kernel's scalar, read where it lies), and every query row's dot products, or
+/// its value updates, are made from it while the next group streams in. Portable: only
+/// Eigen's packet primitives (`ploadu`, `pmadd`, `predux`), so the same code runs on
+/// SSE2, AVX2 and AVX-512; the tile path of tile.hpp stays the path every other block
+/// takes, and the tests hold both to the same reference.
+
+#include <algorithm>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "../detail/operands.hpp"
+#include "../precision.hpp"
+
+namespace attn::detail {
+
+/// Blocks of at most this many rows take the row products.
+inline constexpr Eigen::Index row_product_max_rows = 8;
+
+/// Keys (or values) read, widened and used together: 16 rows of d = 64 in float are 4 KiB.
+inline constexpr Eigen::Index row_group = 16;
+
+/// Rows of one KV head's columns of an operand stored row by row: row i at data + i·stride.
+template <typename Stored>
+struct StoredRows {
+  const Stored* data;
+  Eigen::Index stride;
+};
+
+/// `strided_map<Stored, true>` spelled so that `Stored` can be deduced.
+template <typename Stored>
+using row_map = Eigen::Map<const Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
+                           Eigen::Unaligned, Eigen::OuterStride<>>;
+static_assert(std::is_same_v<row_map<float>, strided_map<float, true>>);
+
+/// Operands whose rows the row products read: a KV cache's head-major rows, or a row-major
+/// operand with unit inner stride (what `kernel_operand` makes of one).
+template <typename Operand>
+struct has_stored_rows : std::false_type {};
+template <typename Stored>
+struct has_stored_rows<HeadMajorRows<Stored>> : std::true_type {};
+template <typename Stored>
+struct has_stored_rows<row_map<Stored>> : std::true_type {};
+template <typename Operand>
+inline constexpr bool has_stored_rows_v = has_stored_rows<std::remove_cv_t<Operand>>::value;
+
+/// Rows from `first_row` of head `kv_head` (of `width` columns) of `operand`.
+template <typename Stored>
+StoredRows<Stored> stored_rows(const HeadMajorRows<Stored>& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                               Eigen::Index /*width*/) noexcept {
+  return {operand.data + kv_head * operand.head_stride + first_row * operand.width, operand.width};
+}
+template <typename Stored>
+StoredRows<Stored> stored_rows(const row_map<Stored>& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                               Eigen::Index width) noexcept {
+  return {operand.data() + first_row * operand.outerStride() + kv_head * width, operand.outerStride()};
+}
+
+/// Asks for `count` rows of `width` values from `rows` to be brought into the cache: the
+/// next group, while this one is computed.
+template <typename Stored>
+EIGEN_ALWAYS_INLINE void prefetch_rows(const StoredRows<Stored>& rows, Eigen::Index count, Eigen::Index width) noexcept {
+#if defined(__GNUC__)
+  constexpr Eigen::Index per_line = 64 / static_cast<Eigen::Index>(sizeof(Stored));
+  for (Eigen::Index i = 0; i < count; ++i) {
+    const Stored* row = rows.data + i * rows.stride;
+    for (Eigen::Index c = 0; c < width; c += per_line) __builtin_prefetch(row + c);
+  }
+#else
+  (void)rows, (void)count, (void)width;
+#endif
+}
+
+/// A packet of `Scalar` from `from`, stored as `Scalar` or, for a float kernel, in 16 bits.
+template <typename Scalar, typename Stored>
+EIGEN_ALWAYS_INLINE auto load_packet(const Stored* from) noexcept {
+  if constexpr (std::is_same_v<Stored, Scalar>) {
+    return Eigen::internal::ploadu<typename Eigen::internal::packet_traits<Scalar>::type>(from);
+  } else {
+    return load_float_packet(from);
+  }
+}
+
+/// scores(r, j) = Σ_c queries(r, c)·keys(j, c) for Rows query rows and `count` keys: each
+/// key is loaded once for all rows. Row-major operands with strides in scalars.
+template <int Rows, typename Scalar, typename Stored>
+EIGEN_ALWAYS_INLINE void dot_rows(const Scalar* queries, Eigen::Index query_stride, const Stored* keys,
+                                  Eigen::Index key_stride, Eigen::Index count, Eigen::Index width, Scalar* scores,
+                                  Eigen::Index score_stride) noexcept {
+  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+  constexpr Eigen::Index size = Eigen::internal::packet_traits<Scalar>::size;
+  const Eigen::Index body = width / size * size;
+  for (Eigen::Index j = 0; j < count; ++j) {
+    const Stored* key = keys + j * key_stride;
+    Packet sums[Rows];
+    for (int r = 0; r < Rows; ++r) sums[r] = Eigen::internal::pset1<Packet>(Scalar(0));
+    for (Eigen::Index c = 0; c < body; c += size) {
+      const Packet key_packet = load_packet<Scalar>(key + c);
+      for (int r = 0; r < Rows; ++r) {
+        sums[r] = Eigen::internal::pmadd(Eigen::internal::ploadu<Packet>(queries + r * query_stride + c), key_packet,
+                                         sums[r]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      Scalar sum = Eigen::internal::predux(sums[r]);
+      for (Eigen::Index c = body; c < width; ++c) sum += queries[r * query_stride + c] * static_cast<Scalar>(key[c]);
+      scores[r * score_stride + j] = sum;
+    }
+  }
+}
+
+/// accumulator(r, :) += Σ_j weights(r, j)·values(j, :) for Rows rows and `count` values,
+/// four values at a time so that each accumulator packet is loaded and stored once per
+/// four updates.
+template <int Rows, typename Scalar, typename Stored>
+EIGEN_ALWAYS_INLINE void accumulate_rows(const Scalar* weights, Eigen::Index weight_stride, const Stored* values,
+                                         Eigen::Index value_stride, Eigen::Index count, Eigen::Index width,
+                                         Scalar* accumulator, Eigen::Index accumulator_stride) noexcept {
+  using Eigen::internal::pmadd;
+  using Eigen::internal::pset1;
+  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+  constexpr Eigen::Index size = Eigen::internal::packet_traits<Scalar>::size;
+  const Eigen::Index body = width / size * size;
+  Eigen::Index j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const Stored* value = values + j * value_stride;
+    for (Eigen::Index c = 0; c < body; c += size) {
+      const Packet v0 = load_packet<Scalar>(value + c);
+      const Packet v1 = load_packet<Scalar>(value + value_stride + c);
+      const Packet v2 = load_packet<Scalar>(value + 2 * value_stride + c);
+      const Packet v3 = load_packet<Scalar>(value + 3 * value_stride + c);
+      for (int r = 0; r < Rows; ++r) {
+        const Scalar* w = weights + r * weight_stride + j;
+        Scalar* out = accumulator + r * accumulator_stride + c;
+        Packet sum = Eigen::internal::ploadu<Packet>(out);
+        sum = pmadd(pset1<Packet>(w[0]), v0, sum);
+        sum = pmadd(pset1<Packet>(w[1]), v1, sum);
+        sum = pmadd(pset1<Packet>(w[2]), v2, sum);
+        sum = pmadd(pset1<Packet>(w[3]), v3, sum);
+        Eigen::internal::pstoreu(out, sum);
+      }
+    }
+    for (Eigen::Index c = body; c < width; ++c) {
+      for (int r = 0; r < Rows; ++r) {
+        const Scalar* w = weights + r * weight_stride + j;
+        Scalar& out = accumulator[r * accumulator_stride + c];
+        out = out + w[0] * static_cast<Scalar>(value[c]) + w[1] * static_cast<Scalar>(value[value_stride + c]) +
+              w[2] * static_cast<Scalar>(value[2 * value_stride + c]) +
+              w[3] * static_cast<Scalar>(value[3 * value_stride + c]);
+      }
+    }
+  }
+  for (; j < count; ++j) {
+    const Stored* value = values + j * value_stride;
+    for (int r = 0; r < Rows; ++r) {
+      const Scalar weight = weights[r * weight_stride + j];
+      Scalar* out = accumulator + r * accumulator_stride;
+      Eigen::Index c = 0;
+      for (; c < body; c += size) {
+        Eigen::internal::pstoreu(
+            out + c, pmadd(pset1<Packet>(weight), load_packet<Scalar>(value + c), Eigen::internal::ploadu<Packet>(out + c)));
+      }
+      for (; c < width; ++c) out[c] += weight * static_cast<Scalar>(value[c]);
+    }
+  }
+}
+
+/// scores (rows × count, row stride `score_stride`) = queries (rows × width, row-major) ·
+/// the `count` keys from `first_key` of `kv_head`ᵀ, a group of keys at a time, the next
+/// group prefetched.
+template <typename Scalar, typename Keys>
+void score_rows(const Keys& keys, Eigen::Index kv_head, Eigen::Index first_key, Eigen::Index count,
+                Eigen::Index width, const Scalar* queries, Eigen::Index rows, Scalar* scores,
+                Eigen::Index score_stride) noexcept {
+  for (Eigen::Index group = 0; group < count; group += row_group) {
+    const Eigen::Index keys_in_group = std::min(row_group, count - group);
+    if (group + row_group < count) {
+      prefetch_rows(stored_rows(keys, kv_head, first_key + group + row_group, width),
+                    std::min(row_group, count - group - row_group), width);
+    }
+    const auto key_rows = stored_rows(keys, kv_head, first_key + group, width);
+    Eigen::Index r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      dot_rows<4>(queries + r * width, width, key_rows.data, key_rows.stride, keys_in_group, width,
+                  scores + r * score_stride + group, score_stride);
+    }
+    for (; r < rows; ++r) {
+      dot_rows<1>(queries + r * width, width, key_rows.data, key_rows.stride, keys_in_group, width,
+                  scores + r * score_stride + group, score_stride);
+    }
+  }
+}
+
+/// accumulator (rows × width, row stride `accumulator_stride`) += weights (rows × count,
+/// row stride `weight_stride`) · the `count` values from `first_key` of `kv_head`.
+template <typename Scalar, typename Values>
+void accumulate_value_rows(const Values& values, Eigen::Index kv_head, Eigen::Index first_key, Eigen::Index count,
+                           Eigen::Index width, const Scalar* weights, Eigen::Index weight_stride, Eigen::Index rows,
+                           Scalar* accumulator, Eigen::Index accumulator_stride) noexcept {
+  for (Eigen::Index group = 0; group < count; group += row_group) {
+    const Eigen::Index values_in_group = std::min(row_group, count - group);
+    if (group + row_group < count) {
+      prefetch_rows(stored_rows(values, kv_head, first_key + group + row_group, width),
+                    std::min(row_group, count - group - row_group), width);
+    }
+    const auto value_rows = stored_rows(values, kv_head, first_key + group, width);
+    Eigen::Index r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      accumulate_rows<4>(weights + r * weight_stride + group, weight_stride, value_rows.data, value_rows.stride,
+                         values_in_group, width, accumulator + r * accumulator_stride, accumulator_stride);
+    }
+    for (; r < rows; ++r) {
+      accumulate_rows<1>(weights + r * weight_stride + group, weight_stride, value_rows.data, value_rows.stride,
+                         values_in_group, width, accumulator + r * accumulator_stride, accumulator_stride);
+    }
+  }
+}
+
+}  // namespace attn::detail
