@@ -301,9 +301,10 @@ void BM_decode(benchmark::State& state, Eigen::Index num_kv_heads) {
     benchmark::ClobberMemory();
   }
   probe.report(state);
-  // K and V of every token the step attends (the cache and the new token), read once.
-  const double kv_bytes =
-      static_cast<double>(length + 1) * 2.0 * static_cast<double>(module.kv_width()) * sizeof(Storage);
+  // K and V of every token the step attends (the cache and the new token), read once: the
+  // cache's bytes per token (a q8_0 cache's include its scales).
+  const double kv_bytes = static_cast<double>(length + 1) * static_cast<double>(cache.bytes()) /
+                          static_cast<double>(cache.capacity());
   const double weights = weight_bytes(module);
   set_rate(state, "tokens/s", 1.0);
   set_rate(state, "kv_GB/s", kv_bytes * 1e-9);
@@ -402,6 +403,7 @@ const std::pair<std::string, void (*)(benchmark::State&, Eigen::Index)> decode_s
     {"decode/", BM_decode<float>},
     {"decode_bf16/", BM_decode<attn::bfloat16>},
     {"decode_half/", BM_decode<attn::half>},
+    {"decode_q8/", BM_decode<attn::q8_0>},
 };
 
 void register_all(std::int64_t max_n) {

@@ -321,8 +321,8 @@ TEST_CASE("MultiHeadAttention::forward_into reuses its workspace without allocat
 
 namespace {
 
-// Decode steps over a cache stored as `Storage` (float, or 16 bits converted tile by tile
-// into the workspace's scratch): none may allocate once the first has sized the workspace.
+// Decode steps over a cache stored as `Storage` (float, 16 or 8 bits, read back into float
+// in registers): none may allocate once the first has sized the workspace.
 template <typename Storage>
 void check_decode_allocates_nothing(int positions, Index embed_dim) {
   using Scalar = float;
@@ -373,8 +373,10 @@ TEST_CASE("a decode step allocates nothing once the cache's capacity is reserved
   check_decode_allocates_nothing<float>(positions, embed_dim);
 }
 
-TEST_CASE("a decode step over a 16-bit cache allocates nothing either", "[no_malloc][multi_head][decode][precision]") {
+TEST_CASE("a decode step over a 16-bit or 8-bit cache allocates nothing either",
+          "[no_malloc][multi_head][decode][precision]") {
   const Index embed_dim = GENERATE(64, 512);
   CAPTURE(embed_dim);
   check_decode_allocates_nothing<attn::bfloat16>(1, embed_dim);
+  check_decode_allocates_nothing<attn::q8_0>(1, embed_dim);
 }

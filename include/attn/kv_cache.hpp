@@ -17,6 +17,7 @@
 #include "detail/operands.hpp"
 #include "error.hpp"
 #include "precision.hpp"
+#include "quantize.hpp"
 
 namespace attn {
 
@@ -37,15 +38,100 @@ struct HeadMajorGather {
   }
 };
 
+/// The same for a q8_0 store, dequantised.
+struct QuantizedGather {
+  QuantizedRows rows;
+  float operator()(Eigen::Index row, Eigen::Index col) const noexcept {
+    const Eigen::Index head = col / rows.width;
+    const Eigen::Index c = col % rows.width;
+    const Eigen::half scale =
+        rows.scales[head * rows.scale_head_stride + row * q8_0::blocks(rows.width) + c / q8_0::block_size];
+    return static_cast<float>(scale) * static_cast<float>(rows.quants[head * rows.head_stride + row * rows.width + c]);
+  }
+};
+
+/// One layer's keys (or values) of a `KVCache<Scalar>`: `rows` rows of one head's `width`
+/// (head h's tokens in rows [h·capacity, (h + 1)·capacity)), stored as `Scalar`.
+template <typename Scalar>
+class CacheStore {
+ public:
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Gather = HeadMajorGather<Scalar>;
+
+  CacheStore(Eigen::Index rows, Eigen::Index width) : rows_(rows, width) {}
+
+  Eigen::Index width() const noexcept { return rows_.cols(); }
+  /// Rows [first, first + count), to write.
+  Eigen::Block<Matrix> block(Eigen::Index first, Eigen::Index count) { return rows_.middleRows(first, count); }
+  /// Writes `values` (count × width) from row `first`, rounded to `Scalar`.
+  template <typename Derived>
+  void write(Eigen::Index first, const Eigen::MatrixBase<Derived>& values) {
+    rows_.middleRows(first, values.rows()) = values.template cast<Scalar>();
+  }
+  /// Copies `count` rows of `from` (from row `from_first`) to row `first`.
+  void copy(Eigen::Index first, const CacheStore& from, Eigen::Index from_first, Eigen::Index count) {
+    rows_.middleRows(first, count) = from.rows_.middleRows(from_first, count);
+  }
+  /// The first `tokens` of each of `heads` heads of `capacity` rows, as the kernel reads them.
+  HeadMajorRows<Scalar> operand(Eigen::Index tokens, Eigen::Index heads, Eigen::Index capacity) const noexcept {
+    return {rows_.data(), tokens, width(), heads, capacity * width()};
+  }
+  Gather gather(Eigen::Index tokens, Eigen::Index heads, Eigen::Index capacity) const noexcept {
+    return {operand(tokens, heads, capacity)};
+  }
+  /// Bytes a row of `width` values takes.
+  static std::size_t row_bytes(Eigen::Index width) noexcept { return static_cast<std::size_t>(width) * sizeof(Scalar); }
+
+ private:
+  Matrix rows_;
+};
+
+/// A q8_0 store: each row's quants, and its blocks' scales.
+template <>
+class CacheStore<q8_0> {
+ public:
+  using Gather = QuantizedGather;
+
+  CacheStore(Eigen::Index rows, Eigen::Index width) : quants_(rows, width), scales_(rows, q8_0::blocks(width)) {}
+
+  Eigen::Index width() const noexcept { return quants_.cols(); }
+  template <typename Derived>
+  void write(Eigen::Index first, const Eigen::MatrixBase<Derived>& values) {
+    for (Eigen::Index i = 0; i < values.rows(); ++i) {
+      quantize_q8_0(values.row(i), &quants_(first + i, 0), &scales_(first + i, 0));
+    }
+  }
+  void copy(Eigen::Index first, const CacheStore& from, Eigen::Index from_first, Eigen::Index count) {
+    quants_.middleRows(first, count) = from.quants_.middleRows(from_first, count);
+    scales_.middleRows(first, count) = from.scales_.middleRows(from_first, count);
+  }
+  QuantizedRows operand(Eigen::Index tokens, Eigen::Index heads, Eigen::Index capacity) const noexcept {
+    return {quants_.data(), scales_.data(), tokens, width(), heads, capacity * width(), capacity * scales_.cols()};
+  }
+  Gather gather(Eigen::Index tokens, Eigen::Index heads, Eigen::Index capacity) const noexcept {
+    return {operand(tokens, heads, capacity)};
+  }
+  static std::size_t row_bytes(Eigen::Index width) noexcept {
+    return static_cast<std::size_t>(width) * sizeof(std::int8_t) +
+           static_cast<std::size_t>(q8_0::blocks(width)) * sizeof(Eigen::half);
+  }
+
+ private:
+  Eigen::Matrix<std::int8_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> quants_;
+  Eigen::Matrix<Eigen::half, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> scales_;
+};
+
 struct KVCacheAccess;
 
 }  // namespace detail
 
 /// Keys and values of the tokens seen so far, for each layer of a decoder, stored as
-/// `Scalar`: float or double, or bfloat16 or half (2 bytes a value, read back into float by
-/// the tiled kernel a tile at a time; see precision.hpp). Layer l holds `size(l)` tokens
-/// (oldest first) of `key_width` key and `value_width` value columns, heads side by side
-/// as `flash_attention` takes them (key width = H_kv·d_k).
+/// `Scalar`: float or double; bfloat16 or half (2 bytes a value, see precision.hpp); or
+/// `q8_0` (34 bytes for 32 values, see quantize.hpp). The tiled kernel reads every storage
+/// back into float as it goes (in registers for a decode step, a tile at a time into
+/// scratch otherwise). Layer l holds `size(l)` tokens (oldest first) of `key_width` key
+/// and `value_width` value columns, heads side by side as `flash_attention` takes them
+/// (key width = H_kv·d_k).
 ///
 /// Storage for `capacity` tokens per layer is allocated up front, so appending within the
 /// capacity never allocates: a decode step costs O(tokens·width) to store its keys and
@@ -57,48 +143,53 @@ struct KVCacheAccess;
 /// a cache built with one head is stored token by token.
 template <typename Scalar>
 class KVCache {
+  using Store = detail::CacheStore<Scalar>;
+
  public:
-  /// One layer's keys (or values): num_kv_heads·capacity rows of one head's width, head h
-  /// in rows [h·capacity, (h + 1)·capacity).
-  using Storage = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  /// The scalar the cache's entries read back as: `Scalar`, or float for q8_0.
+  using Entry = std::conditional_t<std::is_same_v<Scalar, q8_0>, float, Scalar>;
   /// The stored tokens as a size × width expression (heads side by side), read entry by
   /// entry: for inspecting, comparing and copying, not for a kernel's inner loop.
-  using ConstRows = Eigen::CwiseNullaryOp<detail::HeadMajorGather<Scalar>, Storage>;
-  using Rows = Eigen::Block<Storage>;
+  using ConstRows = Eigen::CwiseNullaryOp<typename Store::Gather,
+                                          Eigen::Matrix<Entry, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
 
   /// The rows `extend` made room for, to be written by the caller: `assign` them whole, or
-  /// head by head.
+  /// (stored as float, double, bfloat16 or half) head by head.
   class NewRows {
    public:
     /// Head `head`'s keys of the new tokens: count × (key_width / num_kv_heads).
-    Rows key_head(Eigen::Index head) const {
-      return Rows(*keys_, head * capacity_ + first_, 0, count_, keys_->cols());
+    auto key_head(Eigen::Index head) const {
+      static_assert(!std::is_same_v<Scalar, q8_0>,
+                    "attn::KVCache<q8_0>: rows are quantised as they are written; write them with assign");
+      return keys_->block(head * capacity_ + first_, count_);
     }
     /// Head `head`'s values of the new tokens: count × (value_width / num_kv_heads).
-    Rows value_head(Eigen::Index head) const {
-      return Rows(*values_, head * capacity_ + first_, 0, count_, values_->cols());
+    auto value_head(Eigen::Index head) const {
+      static_assert(!std::is_same_v<Scalar, q8_0>,
+                    "attn::KVCache<q8_0>: rows are quantised as they are written; write them with assign");
+      return values_->block(head * capacity_ + first_, count_);
     }
     /// Writes the new tokens' keys (count × key_width) and values (count × value_width),
-    /// heads side by side, rounded to the cache's scalar.
+    /// heads side by side, rounded to the cache's storage.
     template <typename DerivedK, typename DerivedV>
     void assign(const Eigen::MatrixBase<DerivedK>& keys, const Eigen::MatrixBase<DerivedV>& values) const {
-      const Eigen::Index key_head_width = keys_->cols();
-      const Eigen::Index value_head_width = values_->cols();
+      const Eigen::Index key_head_width = keys_->width();
+      const Eigen::Index value_head_width = values_->width();
       for (Eigen::Index head = 0; head < heads_; ++head) {
-        key_head(head) = keys.middleCols(head * key_head_width, key_head_width).template cast<Scalar>();
-        value_head(head) = values.middleCols(head * value_head_width, value_head_width).template cast<Scalar>();
+        keys_->write(head * capacity_ + first_, keys.middleCols(head * key_head_width, key_head_width));
+        values_->write(head * capacity_ + first_, values.middleCols(head * value_head_width, value_head_width));
       }
     }
     Eigen::Index count() const noexcept { return count_; }
 
    private:
     friend class KVCache;
-    NewRows(Storage& keys, Storage& values, Eigen::Index first, Eigen::Index count, Eigen::Index heads,
+    NewRows(Store& keys, Store& values, Eigen::Index first, Eigen::Index count, Eigen::Index heads,
             Eigen::Index capacity) noexcept
         : keys_(&keys), values_(&values), first_(first), count_(count), heads_(heads), capacity_(capacity) {}
 
-    Storage* keys_;
-    Storage* values_;
+    Store* keys_;
+    Store* values_;
     Eigen::Index first_;
     Eigen::Index count_;
     Eigen::Index heads_;
@@ -113,7 +204,9 @@ class KVCache {
         capacity_(capacity),
         heads_(num_kv_heads),
         on_overflow_(on_overflow) {
-    detail::require_storage_scalar<Scalar>();
+    static_assert(std::is_same_v<Scalar, q8_0> || std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double> ||
+                      std::is_same_v<Scalar, Eigen::bfloat16> || std::is_same_v<Scalar, Eigen::half>,
+                  "attn::KVCache stores float, double, attn::bfloat16, attn::half or attn::q8_0");
     if (num_layers < 1 || key_width < 0 || value_width < 0 || capacity < 0) {
       detail::raise<std::invalid_argument>(
           "attn::KVCache: need num_layers >= 1 and non-negative widths and capacity, got num_layers = ", num_layers,
@@ -124,8 +217,8 @@ class KVCache {
                                            "num_kv_heads = ", num_kv_heads, ", key_width = ", key_width,
                                            ", value_width = ", value_width);
     }
-    keys_.assign(static_cast<std::size_t>(num_layers), Storage(heads_ * capacity, key_width / heads_));
-    values_.assign(static_cast<std::size_t>(num_layers), Storage(heads_ * capacity, value_width / heads_));
+    keys_.assign(static_cast<std::size_t>(num_layers), Store(heads_ * capacity, key_width / heads_));
+    values_.assign(static_cast<std::size_t>(num_layers), Store(heads_ * capacity, value_width / heads_));
     sizes_.assign(static_cast<std::size_t>(num_layers), 0);
   }
 
@@ -141,17 +234,17 @@ class KVCache {
   Eigen::Index size(Eigen::Index layer) const { return sizes_[index(layer)]; }
 
   /// The stored keys of `layer`: size(layer) × key_width, oldest token first, heads side by
-  /// side. A view: it stays valid until the cache reallocates (`reserve`, or growing on
-  /// overflow) or is moved.
+  /// side (a q8_0 cache's dequantised). A view: it stays valid until the cache reallocates
+  /// (`reserve`, or growing on overflow) or is moved.
   ConstRows keys(Eigen::Index layer) const {
     const std::size_t l = index(layer);
-    return Storage::NullaryExpr(sizes_[l], key_width_, detail::HeadMajorGather<Scalar>{rows_of(keys_[l], l)});
+    return ConstRows(sizes_[l], key_width_, keys_[l].gather(sizes_[l], heads_, capacity_));
   }
 
   /// The stored values of `layer`: size(layer) × value_width.
   ConstRows values(Eigen::Index layer) const {
     const std::size_t l = index(layer);
-    return Storage::NullaryExpr(sizes_[l], value_width_, detail::HeadMajorGather<Scalar>{rows_of(values_[l], l)});
+    return ConstRows(sizes_[l], value_width_, values_[l].gather(sizes_[l], heads_, capacity_));
   }
 
   /// Makes room for `count` more tokens in `layer` and returns their rows, uninitialised,
@@ -186,7 +279,7 @@ class KVCache {
     static_assert((std::is_same_v<typename DerivedK::Scalar, Scalar> || std::is_same_v<typename DerivedK::Scalar, Computed>) &&
                       (std::is_same_v<typename DerivedV::Scalar, Scalar> || std::is_same_v<typename DerivedV::Scalar, Computed>),
                   "attn::KVCache::append: keys and values must have the cache's scalar type, or float for a "
-                  "bfloat16 or half cache (rounded as they are stored)");
+                  "bfloat16, half or q8_0 cache (rounded as they are stored)");
     detail::require_shape(operation, detail::operand("keys", keys), keys.rows(), key_width_, "count x key_width");
     detail::require_shape(operation, detail::operand("values", values), keys.rows(), value_width_,
                           "keys.rows() x value_width");
@@ -194,8 +287,8 @@ class KVCache {
     if (count > capacity_ - size(layer) && on_overflow_ == CacheOverflow::grow) {
       // Growing frees the old storage, which the inputs may be views of (copying a layer,
       // or a shared prefix): copy them out first.
-      const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> new_keys = keys.template cast<Scalar>();
-      const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> new_values = values.template cast<Scalar>();
+      const Eigen::Matrix<typename DerivedK::Scalar, Eigen::Dynamic, Eigen::Dynamic> new_keys = keys;
+      const Eigen::Matrix<typename DerivedV::Scalar, Eigen::Dynamic, Eigen::Dynamic> new_values = values;
       extend(layer, count).assign(new_keys, new_values);
       return;
     }
@@ -233,7 +326,8 @@ class KVCache {
 
   /// Bytes of key and value storage held.
   std::size_t bytes() const noexcept {
-    return static_cast<std::size_t>(capacity_ * (key_width_ + value_width_)) * sizes_.size() * sizeof(Scalar);
+    return static_cast<std::size_t>(capacity_ * heads_) * sizes_.size() *
+           (Store::row_bytes(key_width_ / heads_) + Store::row_bytes(value_width_ / heads_));
   }
 
  private:
@@ -246,21 +340,15 @@ class KVCache {
     return static_cast<std::size_t>(layer);
   }
 
-  detail::HeadMajorRows<Scalar> rows_of(const Storage& storage, std::size_t layer) const noexcept {
-    return {storage.data(), sizes_[layer], storage.cols(), heads_, capacity_ * storage.cols()};
-  }
-
-  /// `storage` with room for `capacity` tokens per head, keeping each head's first `size`.
-  Storage regrown(const Storage& storage, Eigen::Index capacity, Eigen::Index size) const {
-    Storage grown(heads_ * capacity, storage.cols());
-    for (Eigen::Index head = 0; head < heads_; ++head) {
-      grown.middleRows(head * capacity, size) = storage.middleRows(head * capacity_, size);
-    }
+  /// `store` with room for `capacity` tokens per head, keeping each head's first `size`.
+  Store regrown(const Store& store, Eigen::Index capacity, Eigen::Index size) const {
+    Store grown(heads_ * capacity, store.width());
+    for (Eigen::Index head = 0; head < heads_; ++head) grown.copy(head * capacity, store, head * capacity_, size);
     return grown;
   }
 
-  std::vector<Storage> keys_;
-  std::vector<Storage> values_;
+  std::vector<Store> keys_;
+  std::vector<Store> values_;
   std::vector<Eigen::Index> sizes_;
   Eigen::Index key_width_;
   Eigen::Index value_width_;
@@ -274,14 +362,14 @@ namespace detail {
 /// The tiled kernel's way to a layer's keys and values, head by head.
 struct KVCacheAccess {
   template <typename Scalar>
-  static HeadMajorRows<Scalar> keys(const KVCache<Scalar>& cache, Eigen::Index layer) {
+  static auto keys(const KVCache<Scalar>& cache, Eigen::Index layer) {
     const std::size_t l = cache.index(layer);
-    return cache.rows_of(cache.keys_[l], l);
+    return cache.keys_[l].operand(cache.sizes_[l], cache.heads_, cache.capacity_);
   }
   template <typename Scalar>
-  static HeadMajorRows<Scalar> values(const KVCache<Scalar>& cache, Eigen::Index layer) {
+  static auto values(const KVCache<Scalar>& cache, Eigen::Index layer) {
     const std::size_t l = cache.index(layer);
-    return cache.rows_of(cache.values_[l], l);
+    return cache.values_[l].operand(cache.sizes_[l], cache.heads_, cache.capacity_);
   }
 };
 
@@ -289,5 +377,6 @@ struct KVCacheAccess {
 
 using KVCachef = KVCache<float>;
 using KVCached = KVCache<double>;
+using KVCacheq8 = KVCache<q8_0>;
 
 }  // namespace attn

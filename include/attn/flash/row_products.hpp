@@ -20,6 +20,7 @@
 
 #include "../detail/operands.hpp"
 #include "../precision.hpp"
+#include "../quantize.hpp"
 
 namespace attn::detail {
 
@@ -29,11 +30,28 @@ inline constexpr Eigen::Index row_product_max_rows = 8;
 /// Keys (or values) read, widened and used together: 16 rows of d = 64 in float are 4 KiB.
 inline constexpr Eigen::Index row_group = 16;
 
-/// Rows of one KV head's columns of an operand stored row by row: row i at data + i·stride.
+/// Rows of one KV head's columns of an operand stored row by row: row j at data + j·stride.
 template <typename Stored>
 struct StoredRows {
   const Stored* data;
   Eigen::Index stride;
+  const Stored* row(Eigen::Index j) const noexcept { return data + j * stride; }
+};
+
+/// One q8_0 row: its quants and its blocks' scales.
+struct QuantizedRow {
+  const std::int8_t* quants;
+  const Eigen::half* scales;
+};
+
+/// Rows of one KV head of a q8_0 store: row j's quants at quants + j·width, its scales at
+/// scales + j·q8_0::blocks(width).
+template <>
+struct StoredRows<q8_0> {
+  const std::int8_t* quants;
+  const Eigen::half* scales;
+  Eigen::Index width;
+  QuantizedRow row(Eigen::Index j) const noexcept { return {quants + j * width, scales + j * q8_0::blocks(width)}; }
 };
 
 /// `strided_map<Stored, true>` spelled so that `Stored` can be deduced.
@@ -48,6 +66,8 @@ template <typename Operand>
 struct has_stored_rows : std::false_type {};
 template <typename Stored>
 struct has_stored_rows<HeadMajorRows<Stored>> : std::true_type {};
+template <>
+struct has_stored_rows<QuantizedRows> : std::true_type {};
 template <typename Stored>
 struct has_stored_rows<row_map<Stored>> : std::true_type {};
 template <typename Operand>
@@ -64,11 +84,18 @@ StoredRows<Stored> stored_rows(const row_map<Stored>& operand, Eigen::Index kv_h
                                Eigen::Index width) noexcept {
   return {operand.data() + first_row * operand.outerStride() + kv_head * width, operand.outerStride()};
 }
+inline StoredRows<q8_0> stored_rows(const QuantizedRows& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                                   Eigen::Index /*width*/) noexcept {
+  return {operand.quants + kv_head * operand.head_stride + first_row * operand.width,
+          operand.scales + kv_head * operand.scale_head_stride + first_row * q8_0::blocks(operand.width),
+          operand.width};
+}
 
 /// Asks for `count` rows of `width` values from `rows` to be brought into the cache: the
 /// next group, while this one is computed.
 template <typename Stored>
-EIGEN_ALWAYS_INLINE void prefetch_rows(const StoredRows<Stored>& rows, Eigen::Index count, Eigen::Index width) noexcept {
+EIGEN_ALWAYS_INLINE void prefetch_rows(const StoredRows<Stored>& rows, Eigen::Index count,
+                                       Eigen::Index width) noexcept {
 #if defined(__GNUC__)
   constexpr Eigen::Index per_line = 64 / static_cast<Eigen::Index>(sizeof(Stored));
   for (Eigen::Index i = 0; i < count; ++i) {
@@ -80,31 +107,52 @@ EIGEN_ALWAYS_INLINE void prefetch_rows(const StoredRows<Stored>& rows, Eigen::In
 #endif
 }
 
-/// A packet of `Scalar` from `from`, stored as `Scalar` or, for a float kernel, in 16 bits.
+inline void prefetch_rows(const StoredRows<q8_0>& rows, Eigen::Index count, Eigen::Index width) noexcept {
+  prefetch_rows(StoredRows<std::int8_t>{rows.quants, width}, count, width);
+  prefetch_rows(StoredRows<Eigen::half>{rows.scales, q8_0::blocks(width)}, count, q8_0::blocks(width));
+}
+
+/// The packet of `Scalar` at column c of a row stored as `Scalar` or, for a float kernel,
+/// in 16 bits; `value_at`, the one value.
 template <typename Scalar, typename Stored>
-EIGEN_ALWAYS_INLINE auto load_packet(const Stored* from) noexcept {
+EIGEN_ALWAYS_INLINE auto load_packet(const Stored* row, Eigen::Index c) noexcept {
   if constexpr (std::is_same_v<Stored, Scalar>) {
-    return Eigen::internal::ploadu<typename Eigen::internal::packet_traits<Scalar>::type>(from);
+    return Eigen::internal::ploadu<typename Eigen::internal::packet_traits<Scalar>::type>(row + c);
   } else {
-    return load_float_packet(from);
+    return load_float_packet(row + c);
   }
+}
+template <typename Scalar, typename Stored>
+EIGEN_ALWAYS_INLINE Scalar value_at(const Stored* row, Eigen::Index c) noexcept {
+  return static_cast<Scalar>(row[c]);
+}
+
+/// The same for a q8_0 row: a packet lies within one block (32 is a multiple of every
+/// packet size), so it takes one scale.
+template <typename Scalar>
+EIGEN_ALWAYS_INLINE auto load_packet(const QuantizedRow& row, Eigen::Index c) noexcept {
+  return load_float_packet(row.quants + c, scale_to_float(row.scales[c / q8_0::block_size]));
+}
+template <typename Scalar>
+EIGEN_ALWAYS_INLINE Scalar value_at(const QuantizedRow& row, Eigen::Index c) noexcept {
+  return scale_to_float(row.scales[c / q8_0::block_size]) * static_cast<float>(row.quants[c]);
 }
 
 /// scores(r, j) = Σ_c queries(r, c)·keys(j, c) for Rows query rows and `count` keys: each
-/// key is loaded once for all rows. Row-major operands with strides in scalars.
-template <int Rows, typename Scalar, typename Stored>
-EIGEN_ALWAYS_INLINE void dot_rows(const Scalar* queries, Eigen::Index query_stride, const Stored* keys,
-                                  Eigen::Index key_stride, Eigen::Index count, Eigen::Index width, Scalar* scores,
+/// key packet is loaded (and converted) once for all rows. Row-major, strides in scalars.
+template <int Rows, typename Scalar, typename Keys>
+EIGEN_ALWAYS_INLINE void dot_rows(const Scalar* queries, Eigen::Index query_stride, const Keys& keys,
+                                  Eigen::Index count, Eigen::Index width, Scalar* scores,
                                   Eigen::Index score_stride) noexcept {
   using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
   constexpr Eigen::Index size = Eigen::internal::packet_traits<Scalar>::size;
   const Eigen::Index body = width / size * size;
   for (Eigen::Index j = 0; j < count; ++j) {
-    const Stored* key = keys + j * key_stride;
+    const auto key = keys.row(j);
     Packet sums[Rows];
     for (int r = 0; r < Rows; ++r) sums[r] = Eigen::internal::pset1<Packet>(Scalar(0));
     for (Eigen::Index c = 0; c < body; c += size) {
-      const Packet key_packet = load_packet<Scalar>(key + c);
+      const Packet key_packet = load_packet<Scalar>(key, c);
       for (int r = 0; r < Rows; ++r) {
         sums[r] = Eigen::internal::pmadd(Eigen::internal::ploadu<Packet>(queries + r * query_stride + c), key_packet,
                                          sums[r]);
@@ -112,7 +160,7 @@ EIGEN_ALWAYS_INLINE void dot_rows(const Scalar* queries, Eigen::Index query_stri
     }
     for (int r = 0; r < Rows; ++r) {
       Scalar sum = Eigen::internal::predux(sums[r]);
-      for (Eigen::Index c = body; c < width; ++c) sum += queries[r * query_stride + c] * static_cast<Scalar>(key[c]);
+      for (Eigen::Index c = body; c < width; ++c) sum += queries[r * query_stride + c] * value_at<Scalar>(key, c);
       scores[r * score_stride + j] = sum;
     }
   }
@@ -121,10 +169,10 @@ EIGEN_ALWAYS_INLINE void dot_rows(const Scalar* queries, Eigen::Index query_stri
 /// accumulator(r, :) += Σ_j weights(r, j)·values(j, :) for Rows rows and `count` values,
 /// four values at a time so that each accumulator packet is loaded and stored once per
 /// four updates.
-template <int Rows, typename Scalar, typename Stored>
-EIGEN_ALWAYS_INLINE void accumulate_rows(const Scalar* weights, Eigen::Index weight_stride, const Stored* values,
-                                         Eigen::Index value_stride, Eigen::Index count, Eigen::Index width,
-                                         Scalar* accumulator, Eigen::Index accumulator_stride) noexcept {
+template <int Rows, typename Scalar, typename Values>
+EIGEN_ALWAYS_INLINE void accumulate_rows(const Scalar* weights, Eigen::Index weight_stride, const Values& values,
+                                         Eigen::Index count, Eigen::Index width, Scalar* accumulator,
+                                         Eigen::Index accumulator_stride) noexcept {
   using Eigen::internal::pmadd;
   using Eigen::internal::pset1;
   using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
@@ -132,12 +180,13 @@ EIGEN_ALWAYS_INLINE void accumulate_rows(const Scalar* weights, Eigen::Index wei
   const Eigen::Index body = width / size * size;
   Eigen::Index j = 0;
   for (; j + 4 <= count; j += 4) {
-    const Stored* value = values + j * value_stride;
+    const auto value0 = values.row(j), value1 = values.row(j + 1), value2 = values.row(j + 2),
+               value3 = values.row(j + 3);
     for (Eigen::Index c = 0; c < body; c += size) {
-      const Packet v0 = load_packet<Scalar>(value + c);
-      const Packet v1 = load_packet<Scalar>(value + value_stride + c);
-      const Packet v2 = load_packet<Scalar>(value + 2 * value_stride + c);
-      const Packet v3 = load_packet<Scalar>(value + 3 * value_stride + c);
+      const Packet v0 = load_packet<Scalar>(value0, c);
+      const Packet v1 = load_packet<Scalar>(value1, c);
+      const Packet v2 = load_packet<Scalar>(value2, c);
+      const Packet v3 = load_packet<Scalar>(value3, c);
       for (int r = 0; r < Rows; ++r) {
         const Scalar* w = weights + r * weight_stride + j;
         Scalar* out = accumulator + r * accumulator_stride + c;
@@ -153,23 +202,22 @@ EIGEN_ALWAYS_INLINE void accumulate_rows(const Scalar* weights, Eigen::Index wei
       for (int r = 0; r < Rows; ++r) {
         const Scalar* w = weights + r * weight_stride + j;
         Scalar& out = accumulator[r * accumulator_stride + c];
-        out = out + w[0] * static_cast<Scalar>(value[c]) + w[1] * static_cast<Scalar>(value[value_stride + c]) +
-              w[2] * static_cast<Scalar>(value[2 * value_stride + c]) +
-              w[3] * static_cast<Scalar>(value[3 * value_stride + c]);
+        out = out + w[0] * value_at<Scalar>(value0, c) + w[1] * value_at<Scalar>(value1, c) +
+              w[2] * value_at<Scalar>(value2, c) + w[3] * value_at<Scalar>(value3, c);
       }
     }
   }
   for (; j < count; ++j) {
-    const Stored* value = values + j * value_stride;
+    const auto value = values.row(j);
     for (int r = 0; r < Rows; ++r) {
       const Scalar weight = weights[r * weight_stride + j];
       Scalar* out = accumulator + r * accumulator_stride;
       Eigen::Index c = 0;
       for (; c < body; c += size) {
-        Eigen::internal::pstoreu(
-            out + c, pmadd(pset1<Packet>(weight), load_packet<Scalar>(value + c), Eigen::internal::ploadu<Packet>(out + c)));
+        const Packet sum = Eigen::internal::ploadu<Packet>(out + c);
+        Eigen::internal::pstoreu(out + c, pmadd(pset1<Packet>(weight), load_packet<Scalar>(value, c), sum));
       }
-      for (; c < width; ++c) out[c] += weight * static_cast<Scalar>(value[c]);
+      for (; c < width; ++c) out[c] += weight * value_at<Scalar>(value, c);
     }
   }
 }
@@ -190,11 +238,11 @@ void score_rows(const Keys& keys, Eigen::Index kv_head, Eigen::Index first_key, 
     const auto key_rows = stored_rows(keys, kv_head, first_key + group, width);
     Eigen::Index r = 0;
     for (; r + 4 <= rows; r += 4) {
-      dot_rows<4>(queries + r * width, width, key_rows.data, key_rows.stride, keys_in_group, width,
+      dot_rows<4>(queries + r * width, width, key_rows, keys_in_group, width,
                   scores + r * score_stride + group, score_stride);
     }
     for (; r < rows; ++r) {
-      dot_rows<1>(queries + r * width, width, key_rows.data, key_rows.stride, keys_in_group, width,
+      dot_rows<1>(queries + r * width, width, key_rows, keys_in_group, width,
                   scores + r * score_stride + group, score_stride);
     }
   }
@@ -215,12 +263,12 @@ void accumulate_value_rows(const Values& values, Eigen::Index kv_head, Eigen::In
     const auto value_rows = stored_rows(values, kv_head, first_key + group, width);
     Eigen::Index r = 0;
     for (; r + 4 <= rows; r += 4) {
-      accumulate_rows<4>(weights + r * weight_stride + group, weight_stride, value_rows.data, value_rows.stride,
-                         values_in_group, width, accumulator + r * accumulator_stride, accumulator_stride);
+      accumulate_rows<4>(weights + r * weight_stride + group, weight_stride, value_rows, values_in_group, width,
+                         accumulator + r * accumulator_stride, accumulator_stride);
     }
     for (; r < rows; ++r) {
-      accumulate_rows<1>(weights + r * weight_stride + group, weight_stride, value_rows.data, value_rows.stride,
-                         values_in_group, width, accumulator + r * accumulator_stride, accumulator_stride);
+      accumulate_rows<1>(weights + r * weight_stride + group, weight_stride, value_rows, values_in_group, width,
+                         accumulator + r * accumulator_stride, accumulator_stride);
     }
   }
 }

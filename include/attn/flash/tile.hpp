@@ -115,6 +115,15 @@ decltype(auto) operand_tile(const HeadMajorRows<Stored>& operand, Eigen::Matrix<
   return operand_tile(operand.head_rows(kv_head, first_row, count), storage, 0, 0, count, width);
 }
 
+/// The same for a q8_0 store: its head's rows dequantised into `storage`, row-major.
+template <typename Scalar>
+auto operand_tile(const QuantizedRows& operand, Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage,
+                  Eigen::Index kv_head, Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
+  static_assert(std::is_same_v<Scalar, float>, "attn: a q8_0 store is read by a float kernel");
+  for (Eigen::Index i = 0; i < count; ++i) dequantize_row(operand, kv_head, first_row + i, storage.data() + i * width);
+  return Eigen::Map<const row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>>(storage.data(), count, width);
+}
+
 /// Keys [first_key, first_key + count) of `kv_head`, in the kernel's scalar.
 template <typename Problem, typename Scalar>
 decltype(auto) key_tile(const Problem& problem, TileSlot<Scalar>& slot, Eigen::Index kv_head, Eigen::Index first_key,

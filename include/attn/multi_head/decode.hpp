@@ -25,7 +25,7 @@ void MultiHeadAttention<Scalar>::decode_into(const Eigen::MatrixBase<DerivedX>& 
   constexpr const char* operation = "attn::MultiHeadAttention::decode_into";
   static_assert(std::is_same_v<detail::compute_scalar_t<Storage>, Scalar>,
                 "attn::MultiHeadAttention::decode_into: the cache must store the module's scalar, or bfloat16 "
-                "or half for a float module");
+                "half or q8_0 for a float module");
   detail::require_writable<Out>();
   detail::require_floating_point<typename DerivedX::Scalar>();
   static_assert(std::is_same_v<typename DerivedX::Scalar, Scalar>,

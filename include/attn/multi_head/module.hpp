@@ -222,8 +222,8 @@ class MultiHeadAttention : public MultiHeadParameters<Scalar> {
   KVCache<Storage> make_cache(Eigen::Index num_layers, Eigen::Index capacity,
                               CacheOverflow on_overflow = CacheOverflow::throw_error) const {
     static_assert(std::is_same_v<detail::compute_scalar_t<Storage>, Scalar>,
-                  "attn::MultiHeadAttention::make_cache: a cache stores the module's scalar, or bfloat16 "
-                  "or half for a float module");
+                  "attn::MultiHeadAttention::make_cache: a cache stores the module's scalar, or bfloat16, "
+                  "half or q8_0 for a float module");
     return KVCache<Storage>(num_layers, kv_width(), kv_width(), capacity, on_overflow, num_kv_heads());
   }
 
