@@ -269,11 +269,11 @@ TEMPLATE_TEST_CASE("decoding: few queries over a long cache split the keys and m
   }
 }
 
-TEMPLATE_TEST_CASE("blocks of a few query rows over row-major keys take the row products, which agree with the "
-                   "tile products",
-                   "[flash][decode][row_products]", float, double) {
-  using Scalar = TestType;
-  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+TEST_CASE("blocks of a few query rows over row-major keys take the row products, which agree with the tile products",
+          "[flash][decode][row_products]") {
+  // Float only: each operand type compiles the kernel again, and decoding in double
+  // (test_multi_head.cpp) takes the same row products over its cache.
+  using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   // Widths below, at and past a SIMD packet (5, 16, 33 in every packet size there is), 1 to
   // 9 rows per block (groups of 3 heads: 1, 2, 3 queries make 3, 6, 9 rows, the last past
   // the row products' 8), every mask, and keys past two split chunks with a short tail.
@@ -282,43 +282,35 @@ TEMPLATE_TEST_CASE("blocks of a few query rows over row-major keys take the row 
   const MaskKind kind = GENERATE(MaskKind::none, MaskKind::all);
   INFO("d=" << d << " n_q=" << n_q << " masks=" << int(kind));
   const Index n_k = 2 * attn::split_key_chunk + 77, num_heads = 6, num_kv_heads = 2;
-  const Matrix<Scalar> q = random_matrix<Scalar>(n_q, num_heads * d, 141, 2.0);
-  const Matrix<Scalar> k = random_matrix<Scalar>(n_k, num_kv_heads * d, 142, 2.0);
-  const Matrix<Scalar> v = random_matrix<Scalar>(n_k, num_kv_heads * (d + 1), 143);
-  attn::AttentionOptions<Scalar> options;
+  const Matrix<float> q = random_matrix<float>(n_q, num_heads * d, 141, 2.0);
+  const Matrix<float> k = random_matrix<float>(n_k, num_kv_heads * d, 142, 2.0);
+  const Matrix<float> v = random_matrix<float>(n_k, num_kv_heads * (d + 1), 143);
+  attn::AttentionOptionsf options;
   BoolMatrix keep;
-  Matrix<Scalar> bias;
+  Matrix<float> bias;
   set_masks(kind, n_q, n_k, 144, options, keep, bias);
   const attn::Heads heads{num_heads, num_kv_heads};
-  const Matrix<Scalar> by_tiles = attn::flash_attention(q, k, v, heads, options);
+  const Matrix<float> by_tiles = attn::flash_attention(q, k, v, heads, options);
   const RowMajor k_rows = k, v_rows = v;
-  const Matrix<Scalar> by_rows = attn::flash_attention(q, k_rows, v_rows, heads, options);
+  const Matrix<float> by_rows = attn::flash_attention(q, k_rows, v_rows, heads, options);
   for (Index head = 0; head < num_heads; ++head) {
     INFO("head " << head);
     const Index kv_head = head / 3;
-    Matrix<Scalar> weights;
-    const Matrix<Scalar> reference =
-        attn::attention(q.middleCols(head * d, d), k.middleCols(kv_head * d, d),
-                        v.middleCols(kv_head * (d + 1), d + 1), options, weights);
-    CHECK(max_abs_difference(by_rows.middleCols(head * (d + 1), d + 1), reference) <= agreement<Scalar>(reference));
+    Matrix<float> weights;
+    const Matrix<float> reference = attn::attention(q.middleCols(head * d, d), k.middleCols(kv_head * d, d),
+                                                    v.middleCols(kv_head * (d + 1), d + 1), options, weights);
+    CHECK(max_abs_difference(by_rows.middleCols(head * (d + 1), d + 1), reference) <= agreement<float>(reference));
   }
-  CHECK(max_abs_difference(by_rows, by_tiles) <= agreement<Scalar>(by_tiles));
+  CHECK(max_abs_difference(by_rows, by_tiles) <= agreement<float>(by_tiles));
 
-  if constexpr (std::is_same_v<Scalar, float>) {
-    // Keys and values stored in 16 bits: converted in registers by the row products, into
-    // a float tile by the tile products, the same products after.
-    const Eigen::Matrix<attn::bfloat16, Eigen::Dynamic, Eigen::Dynamic> k16 = k.template cast<attn::bfloat16>();
-    const Eigen::Matrix<attn::half, Eigen::Dynamic, Eigen::Dynamic> v16 = v.template cast<attn::half>();
-    const Eigen::Matrix<attn::bfloat16, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> k16_rows = k16;
-    const Eigen::Matrix<attn::half, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> v16_rows = v16;
-    const Matrix<float> tiles16 = attn::flash_attention(q, k16, v16, heads, options);
-    const Matrix<float> rows16 = attn::flash_attention(q, k16_rows, v16_rows, heads, options);
-    CHECK(max_abs_difference(rows16, tiles16) <= agreement<float>(tiles16));
-    // And they are the float kernel on the converted inputs.
-    const Matrix<float> converted =
-        attn::flash_attention(q, k16.cast<float>().eval(), v16.cast<float>().eval(), heads, options);
-    CHECK(max_abs_difference(rows16, converted) <= agreement<float>(converted));
-  }
+  // Keys and values stored in bfloat16: converted in registers by the row products, the
+  // float kernel's products on the converted values after.
+  using RowMajor16 = Eigen::Matrix<attn::bfloat16, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const RowMajor16 k16 = k.cast<attn::bfloat16>(), v16 = v.cast<attn::bfloat16>();
+  const RowMajor k_converted = k16.cast<float>(), v_converted = v16.cast<float>();
+  const Matrix<float> by_rows16 = attn::flash_attention(q, k16, v16, heads, options);
+  const Matrix<float> converted = attn::flash_attention(q, k_converted, v_converted, heads, options);
+  CHECK(max_abs_difference(by_rows16, converted) <= agreement<float>(converted));
 }
 
 namespace {
