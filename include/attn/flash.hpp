@@ -41,9 +41,9 @@ void check_flash(const char* operation, const Eigen::MatrixBase<DerivedQ>& q, co
   require_storage_scalar<typename DerivedK::Scalar>();
   require_storage_scalar<typename DerivedV::Scalar>();
   require_floating_point<Scalar>();
-  static_assert(std::is_same_v<compute_scalar_t<typename DerivedQ::Scalar>, Scalar> &&
-                    std::is_same_v<compute_scalar_t<typename DerivedK::Scalar>, Scalar> &&
-                    std::is_same_v<compute_scalar_t<typename DerivedV::Scalar>, Scalar>,
+  static_assert(std::is_same_v<compute_scalar_of<DerivedQ>, Scalar> &&
+                    std::is_same_v<compute_scalar_of<DerivedK>, Scalar> &&
+                    std::is_same_v<compute_scalar_of<DerivedV>, Scalar>,
                 "attn::flash_attention: q, k and v must compute in the options' scalar: float, bfloat16 "
                 "and half operands (all computed in float) mix freely, double goes with double");
   static_assert(extents_compatible(DerivedK::RowsAtCompileTime, DerivedV::RowsAtCompileTime),
@@ -84,13 +84,14 @@ template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK,
           typename DerivedV, typename Out, typename Lse, typename ScoreMod = NoScoreMod, typename MaskMod = NoMaskMod>
 void flash_attention_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
                           const Eigen::MatrixBase<DerivedV>& v, Heads heads,
-                          const AttentionOptions<detail::compute_scalar_t<typename DerivedQ::Scalar>>& options, Out&& out, Lse&& lse,
-                          Workspace<detail::compute_scalar_t<typename DerivedQ::Scalar>>& workspace, const Mods<ScoreMod, MaskMod>& mods = {}) {
+                          const AttentionOptions<detail::compute_scalar_of<DerivedQ>>& options, Out&& out, Lse&& lse,
+                          Workspace<detail::compute_scalar_of<DerivedQ>>& workspace,
+                          const Mods<ScoreMod, MaskMod>& mods = {}) {
   constexpr const char* operation = "attn::flash_attention_into";
   detail::require_writable<Out>();
   detail::require_writable<Lse>();
-  detail::require_output_scalar<Out, detail::compute_scalar_t<typename DerivedQ::Scalar>>();
-  static_assert(std::is_same_v<typename std::decay_t<Lse>::Scalar, detail::compute_scalar_t<typename DerivedQ::Scalar>>,
+  detail::require_output_scalar<Out, detail::compute_scalar_of<DerivedQ>>();
+  static_assert(std::is_same_v<typename std::decay_t<Lse>::Scalar, detail::compute_scalar_of<DerivedQ>>,
                 "attn::flash_attention_into: lse must have the scalar the kernel computes in (float for "
                 "bfloat16 and half operands)");
   detail::check_flash(operation, q, k, v, heads, options);
@@ -104,11 +105,12 @@ template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK,
           typename DerivedV, typename Out, typename ScoreMod = NoScoreMod, typename MaskMod = NoMaskMod>
 void flash_attention_into(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
                           const Eigen::MatrixBase<DerivedV>& v, Heads heads,
-                          const AttentionOptions<detail::compute_scalar_t<typename DerivedQ::Scalar>>& options, Out&& out,
-                          Workspace<detail::compute_scalar_t<typename DerivedQ::Scalar>>& workspace, const Mods<ScoreMod, MaskMod>& mods = {}) {
+                          const AttentionOptions<detail::compute_scalar_of<DerivedQ>>& options, Out&& out,
+                          Workspace<detail::compute_scalar_of<DerivedQ>>& workspace,
+                          const Mods<ScoreMod, MaskMod>& mods = {}) {
   constexpr const char* operation = "attn::flash_attention_into";
   detail::require_writable<Out>();
-  detail::require_output_scalar<Out, detail::compute_scalar_t<typename DerivedQ::Scalar>>();
+  detail::require_output_scalar<Out, detail::compute_scalar_of<DerivedQ>>();
   detail::check_flash(operation, q, k, v, heads, options);
   detail::fit_output(operation, "out", out, q.rows(), v.cols() / heads.num_kv_heads * heads.num_heads);
   detail::flash_attention_unchecked<BlockQ, BlockK>(q, k, v, heads, options, mods, out, workspace);
@@ -120,9 +122,9 @@ template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK,
           typename DerivedV, typename ScoreMod = NoScoreMod, typename MaskMod = NoMaskMod>
 auto flash_attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
                      const Eigen::MatrixBase<DerivedV>& v, Heads heads,
-                     const AttentionOptions<detail::compute_scalar_t<typename DerivedQ::Scalar>>& options = {},
+                     const AttentionOptions<detail::compute_scalar_of<DerivedQ>>& options = {},
                      const Mods<ScoreMod, MaskMod>& mods = {}) {
-  using Scalar = detail::compute_scalar_t<typename DerivedQ::Scalar>;
+  using Scalar = detail::compute_scalar_of<DerivedQ>;
   detail::plain_matrix<Scalar, DerivedQ::RowsAtCompileTime, Eigen::Dynamic> out;
   Workspace<Scalar> workspace;
   flash_attention_into<BlockQ, BlockK>(q, k, v, heads, options, out, workspace, mods);
@@ -135,8 +137,8 @@ template <int BlockQ = 0, int BlockK = 0, typename DerivedQ, typename DerivedK,
           typename DerivedV>
 auto flash_attention(const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
                      const Eigen::MatrixBase<DerivedV>& v,
-                     const AttentionOptions<detail::compute_scalar_t<typename DerivedQ::Scalar>>& options = {}) {
-  using Scalar = detail::compute_scalar_t<typename DerivedQ::Scalar>;
+                     const AttentionOptions<detail::compute_scalar_of<DerivedQ>>& options = {}) {
+  using Scalar = detail::compute_scalar_of<DerivedQ>;
   detail::plain_matrix<Scalar, DerivedQ::RowsAtCompileTime, DerivedV::ColsAtCompileTime> out(q.rows(), v.cols());
   Workspace<Scalar> workspace;
   flash_attention_into<BlockQ, BlockK>(q, k, v, Heads{}, options, out, workspace);

@@ -34,7 +34,7 @@ template <typename Stored>
 struct HeadMajorGather {
   HeadMajorRows<Stored> rows;
   Stored operator()(Eigen::Index row, Eigen::Index col) const noexcept {
-    return rows.data[(col / rows.width) * rows.head_stride + row * rows.width + col % rows.width];
+    return rows.row(col / rows.width, row)[col % rows.width];
   }
 };
 
@@ -42,11 +42,11 @@ struct HeadMajorGather {
 struct QuantizedGather {
   QuantizedRows rows;
   float operator()(Eigen::Index row, Eigen::Index col) const noexcept {
-    const Eigen::Index head = col / rows.width;
-    const Eigen::Index c = col % rows.width;
-    const Eigen::half scale =
-        rows.scales[head * rows.scale_head_stride + row * q8_0::blocks(rows.width) + c / q8_0::block_size];
-    return static_cast<float>(scale) * static_cast<float>(rows.quants[head * rows.head_stride + row * rows.width + c]);
+    const Eigen::Index width = rows.quants.width;
+    const Eigen::Index head = col / width;
+    const Eigen::Index c = col % width;
+    return static_cast<float>(rows.scales.row(head, row)[c / q8_0::block_size]) *
+           static_cast<float>(rows.quants.row(head, row)[c]);
   }
 };
 
@@ -106,7 +106,8 @@ class CacheStore<q8_0> {
     scales_.middleRows(first, count) = from.scales_.middleRows(from_first, count);
   }
   QuantizedRows operand(Eigen::Index tokens, Eigen::Index heads, Eigen::Index capacity) const noexcept {
-    return {quants_.data(), scales_.data(), tokens, width(), heads, capacity * width(), capacity * scales_.cols()};
+    return {{quants_.data(), tokens, width(), heads, capacity * width()},
+            {scales_.data(), tokens, scales_.cols(), heads, capacity * scales_.cols()}};
   }
   Gather gather(Eigen::Index tokens, Eigen::Index heads, Eigen::Index capacity) const noexcept {
     return {operand(tokens, heads, capacity)};
@@ -276,8 +277,10 @@ class KVCache {
   void append(Eigen::Index layer, const Eigen::MatrixBase<DerivedK>& keys, const Eigen::MatrixBase<DerivedV>& values) {
     constexpr const char* operation = "attn::KVCache::append";
     using Computed = detail::compute_scalar_t<Scalar>;
-    static_assert((std::is_same_v<typename DerivedK::Scalar, Scalar> || std::is_same_v<typename DerivedK::Scalar, Computed>) &&
-                      (std::is_same_v<typename DerivedV::Scalar, Scalar> || std::is_same_v<typename DerivedV::Scalar, Computed>),
+    using KeyScalar = typename DerivedK::Scalar;
+    using ValueScalar = typename DerivedV::Scalar;
+    static_assert((std::is_same_v<KeyScalar, Scalar> || std::is_same_v<KeyScalar, Computed>) &&
+                      (std::is_same_v<ValueScalar, Scalar> || std::is_same_v<ValueScalar, Computed>),
                   "attn::KVCache::append: keys and values must have the cache's scalar type, or float for a "
                   "bfloat16, half or q8_0 cache (rounded as they are stored)");
     detail::require_shape(operation, detail::operand("keys", keys), keys.rows(), key_width_, "count x key_width");

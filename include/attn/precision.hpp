@@ -42,6 +42,10 @@ struct compute_scalar<Eigen::half> {
 template <typename Storage>
 using compute_scalar_t = typename compute_scalar<std::remove_cv_t<Storage>>::type;
 
+/// The scalar an Eigen expression's entries are computed in.
+template <typename Derived>
+using compute_scalar_of = compute_scalar_t<typename Derived::Scalar>;
+
 /// True for a storage type attn computes in another scalar (bfloat16, half).
 template <typename Storage>
 inline constexpr bool is_reduced_precision_v = !std::is_same_v<compute_scalar_t<Storage>, std::remove_cv_t<Storage>>;

@@ -89,29 +89,23 @@ EIGEN_ALWAYS_INLINE float scale_to_float(Eigen::half scale) noexcept {
 #endif
 }
 
-/// Rows of a head-major q8_0 store as the tiled kernel reads them (`HeadMajorRows` for
-/// 8 bits): head h's row i has its quants at quants + h·head_stride + i·width and its
-/// scales at scales + h·scale_head_stride + i·q8_0::blocks(width).
+/// Rows of a head-major q8_0 store as the tiled kernel reads them: two head-major stores
+/// of the same tokens, the quants (one head's width per row) and their blocks' scales
+/// (q8_0::blocks of it per row).
 struct QuantizedRows {
   using Scalar = q8_0;
   static constexpr bool IsRowMajor = true;
 
-  const std::int8_t* quants;
-  const Eigen::half* scales;
-  Eigen::Index tokens;
-  Eigen::Index width;
-  Eigen::Index heads;
-  Eigen::Index head_stride;
-  Eigen::Index scale_head_stride;
+  HeadMajorRows<std::int8_t> quants;
+  HeadMajorRows<Eigen::half> scales;
 
-  Eigen::Index rows() const noexcept { return tokens; }
-  Eigen::Index cols() const noexcept { return heads * width; }
+  Eigen::Index rows() const noexcept { return quants.rows(); }
+  Eigen::Index cols() const noexcept { return quants.cols(); }
 };
 
 /// Row `row` of head `head` (see `QuantizedRows`), as float.
 inline void dequantize_row(const QuantizedRows& rows, Eigen::Index head, Eigen::Index row, float* to) noexcept {
-  dequantize_q8_0(rows.quants + head * rows.head_stride + row * rows.width,
-                  rows.scales + head * rows.scale_head_stride + row * q8_0::blocks(rows.width), rows.width, to);
+  dequantize_q8_0(rows.quants.row(head, row), rows.scales.row(head, row), rows.quants.width, to);
 }
 
 /// One packet of Eigen's float SIMD from q8_0 quants at `quants`, times `scale`: the

@@ -150,6 +150,10 @@ struct HeadMajorRows {
 
   Eigen::Index rows() const noexcept { return tokens; }
   Eigen::Index cols() const noexcept { return heads * width; }
+  /// Row `row` of head `head`: `width` values.
+  const Stored* row(Eigen::Index head, Eigen::Index row) const noexcept {
+    return data + head * head_stride + row * width;
+  }
   /// Rows [first, first + count) of head `head`: count × width, row-major, contiguous.
   auto head_rows(Eigen::Index head, Eigen::Index first, Eigen::Index count) const {
     using Rows = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

@@ -77,7 +77,7 @@ inline constexpr bool has_stored_rows_v = has_stored_rows<std::remove_cv_t<Opera
 template <typename Stored>
 StoredRows<Stored> stored_rows(const HeadMajorRows<Stored>& operand, Eigen::Index kv_head, Eigen::Index first_row,
                                Eigen::Index /*width*/) noexcept {
-  return {operand.data + kv_head * operand.head_stride + first_row * operand.width, operand.width};
+  return {operand.row(kv_head, first_row), operand.width};
 }
 template <typename Stored>
 StoredRows<Stored> stored_rows(const row_map<Stored>& operand, Eigen::Index kv_head, Eigen::Index first_row,
@@ -86,9 +86,7 @@ StoredRows<Stored> stored_rows(const row_map<Stored>& operand, Eigen::Index kv_h
 }
 inline StoredRows<q8_0> stored_rows(const QuantizedRows& operand, Eigen::Index kv_head, Eigen::Index first_row,
                                    Eigen::Index /*width*/) noexcept {
-  return {operand.quants + kv_head * operand.head_stride + first_row * operand.width,
-          operand.scales + kv_head * operand.scale_head_stride + first_row * q8_0::blocks(operand.width),
-          operand.width};
+  return {operand.quants.row(kv_head, first_row), operand.scales.row(kv_head, first_row), operand.quants.width};
 }
 
 /// Asks for `count` rows of `width` values from `rows` to be brought into the cache: the
@@ -144,9 +142,8 @@ EIGEN_ALWAYS_INLINE Scalar value_at(const QuantizedRow& row, Eigen::Index c) noe
 /// at a time share them: a 4 × 4 transposition within each 128-bit lane leaves every lane
 /// holding a part of each sum, and the lanes are added once. For float packets of SSE,
 /// AVX and AVX-512; `predux` for each packet elsewhere (double, builds without SIMD).
-template <typename Scalar>
-EIGEN_ALWAYS_INLINE void sum_each(const typename Eigen::internal::packet_traits<Scalar>::type (&packets)[4], Scalar* out,
-                                  Eigen::Index stride) noexcept {
+template <typename Scalar, typename Packet = typename Eigen::internal::packet_traits<Scalar>::type>
+EIGEN_ALWAYS_INLINE void sum_each(const Packet (&packets)[4], Scalar* out, Eigen::Index stride) noexcept {
 #if defined(EIGEN_VECTORIZE_SSE2)
   if constexpr (std::is_same_v<Scalar, float> && Eigen::internal::packet_traits<float>::size >= 4) {
     const auto transposed_sum = [](auto a, auto b, auto c, auto d, auto unpacklo, auto unpackhi, auto shuffle_low,
