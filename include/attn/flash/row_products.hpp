@@ -180,13 +180,9 @@ EIGEN_ALWAYS_INLINE void sum_each(const Packet (&packets)[4], Scalar* out, Eigen
         [](__m128 x, __m128 y) { return _mm_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)); },
         [](__m128 x, __m128 y) { return _mm_add_ps(x, y); });
 #endif
-    if (stride == 1) {
-      _mm_storeu_ps(out, sums);
-    } else {
-      alignas(16) float each[4];
-      _mm_store_ps(each, sums);
-      for (int k = 0; k < 4; ++k) out[k * stride] = each[k];
-    }
+    alignas(16) float each[4];
+    _mm_store_ps(each, sums);
+    for (int k = 0; k < 4; ++k) out[k * stride] = each[k];
     return;
   }
 #endif
@@ -298,30 +294,43 @@ EIGEN_ALWAYS_INLINE void accumulate_rows(const Scalar* weights, Eigen::Index wei
   }
 }
 
+/// Calls body(group_rows, group, group_count) for the `count` rows from `first_row` of head
+/// `kv_head` of `operand`, in groups of `row_group` rows (`group` counted from `first_row`),
+/// and asks for each group's successor to be brought in while the body computes on it.
+template <typename Operand, typename Body>
+EIGEN_ALWAYS_INLINE void for_each_row_group(const Operand& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                                           Eigen::Index count, Eigen::Index width, Body&& body) {
+  for (Eigen::Index group = 0; group < count; group += row_group) {
+    if (group + row_group < count) {
+      prefetch_rows(stored_rows(operand, kv_head, first_row + group + row_group, width),
+                    std::min(row_group, count - group - row_group), width);
+    }
+    body(stored_rows(operand, kv_head, first_row + group, width), group, std::min(row_group, count - group));
+  }
+}
+
+/// Calls product(std::integral_constant<int, Rows>, r) for query rows r… r + Rows - 1 of
+/// `rows`: four at a time, then one at a time.
+template <typename Product>
+EIGEN_ALWAYS_INLINE void for_each_query_rows(Eigen::Index rows, Product&& product) {
+  Eigen::Index r = 0;
+  for (; r + 4 <= rows; r += 4) product(std::integral_constant<int, 4>{}, r);
+  for (; r < rows; ++r) product(std::integral_constant<int, 1>{}, r);
+}
+
 /// scores (rows × count, row stride `score_stride`) = queries (rows × width, row-major) ·
-/// the `count` keys from `first_key` of `kv_head`ᵀ, a group of keys at a time, the next
-/// group prefetched.
+/// the `count` keys from `first_key` of `kv_head`ᵀ.
 template <typename Scalar, typename Keys>
 void score_rows(const Keys& keys, Eigen::Index kv_head, Eigen::Index first_key, Eigen::Index count,
                 Eigen::Index width, const Scalar* queries, Eigen::Index rows, Scalar* scores,
                 Eigen::Index score_stride) noexcept {
-  for (Eigen::Index group = 0; group < count; group += row_group) {
-    const Eigen::Index keys_in_group = std::min(row_group, count - group);
-    if (group + row_group < count) {
-      prefetch_rows(stored_rows(keys, kv_head, first_key + group + row_group, width),
-                    std::min(row_group, count - group - row_group), width);
-    }
-    const auto key_rows = stored_rows(keys, kv_head, first_key + group, width);
-    Eigen::Index r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      dot_rows<4>(queries + r * width, width, key_rows, keys_in_group, width,
-                  scores + r * score_stride + group, score_stride);
-    }
-    for (; r < rows; ++r) {
-      dot_rows<1>(queries + r * width, width, key_rows, keys_in_group, width,
-                  scores + r * score_stride + group, score_stride);
-    }
-  }
+  for_each_row_group(keys, kv_head, first_key, count, width, [&](const auto& key_rows, Eigen::Index group,
+                                                                 Eigen::Index keys_in_group) {
+    for_each_query_rows(rows, [&](auto query_rows, Eigen::Index r) {
+      dot_rows<decltype(query_rows)::value>(queries + r * width, width, key_rows, keys_in_group, width,
+                                            scores + r * score_stride + group, score_stride);
+    });
+  });
 }
 
 /// accumulator (rows × width, row stride `accumulator_stride`) += weights (rows × count,
@@ -330,23 +339,14 @@ template <typename Scalar, typename Values>
 void accumulate_value_rows(const Values& values, Eigen::Index kv_head, Eigen::Index first_key, Eigen::Index count,
                            Eigen::Index width, const Scalar* weights, Eigen::Index weight_stride, Eigen::Index rows,
                            Scalar* accumulator, Eigen::Index accumulator_stride) noexcept {
-  for (Eigen::Index group = 0; group < count; group += row_group) {
-    const Eigen::Index values_in_group = std::min(row_group, count - group);
-    if (group + row_group < count) {
-      prefetch_rows(stored_rows(values, kv_head, first_key + group + row_group, width),
-                    std::min(row_group, count - group - row_group), width);
-    }
-    const auto value_rows = stored_rows(values, kv_head, first_key + group, width);
-    Eigen::Index r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      accumulate_rows<4>(weights + r * weight_stride + group, weight_stride, value_rows, values_in_group, width,
-                         accumulator + r * accumulator_stride, accumulator_stride);
-    }
-    for (; r < rows; ++r) {
-      accumulate_rows<1>(weights + r * weight_stride + group, weight_stride, value_rows, values_in_group, width,
-                         accumulator + r * accumulator_stride, accumulator_stride);
-    }
-  }
+  for_each_row_group(values, kv_head, first_key, count, width, [&](const auto& value_rows, Eigen::Index group,
+                                                                   Eigen::Index values_in_group) {
+    for_each_query_rows(rows, [&](auto query_rows, Eigen::Index r) {
+      accumulate_rows<decltype(query_rows)::value>(weights + r * weight_stride + group, weight_stride, value_rows,
+                                                   values_in_group, width, accumulator + r * accumulator_stride,
+                                                   accumulator_stride);
+    });
+  });
 }
 
 }  // namespace attn::detail
