@@ -35,6 +35,41 @@ struct ReferenceMasks {
   std::optional<std::pair<Index, Index>> window;
 };
 
+/// The suite's mask cases: one kind of mask each, or all of them at once.
+enum class MaskKind { none, causal, keep_mask, bias, valid_keys, window, all };
+
+inline const char* name(MaskKind kind) {
+  switch (kind) {
+    case MaskKind::none: return "none";
+    case MaskKind::causal: return "causal";
+    case MaskKind::keep_mask: return "keep_mask";
+    case MaskKind::bias: return "bias";
+    case MaskKind::valid_keys: return "valid_keys";
+    case MaskKind::window: return "window";
+    case MaskKind::all: return "all";
+  }
+  return "?";
+}
+
+/// Central differences of `loss()` along every entry of `x`, which `loss` reads: each entry
+/// is moved by ±h in place, then restored.
+template <typename Parameter, typename Loss>
+Parameter numeric_gradient(Parameter& x, const Loss& loss, double h = 1e-6) {
+  Parameter gradient(x.rows(), x.cols());
+  for (Index r = 0; r < x.rows(); ++r) {
+    for (Index c = 0; c < x.cols(); ++c) {
+      const auto saved = x(r, c);
+      x(r, c) = saved + h;
+      const double plus = loss();
+      x(r, c) = saved - h;
+      const double minus = loss();
+      x(r, c) = saved;
+      gradient(r, c) = (plus - minus) / (2 * h);
+    }
+  }
+  return gradient;
+}
+
 struct ReferenceResult {
   Eigen::MatrixXd output;   // (n_q × d_v)
   Eigen::MatrixXd weights;  // (n_q × n_k)

@@ -12,6 +12,7 @@
 #include "attn_test.hpp"
 #include "reference.hpp"
 
+using attn_test::MaskKind;
 using attn_test::max_abs_difference;
 using attn_test::random_keep_mask;
 using attn_test::random_matrix;
@@ -23,21 +24,6 @@ using attn_test::RowMajorMatrix;
 using attn_test::BoolMatrix;
 
 namespace {
-
-enum class MaskKind { none, causal, keep_mask, bias, valid_keys, window, all };
-
-const char* name(MaskKind kind) {
-  switch (kind) {
-    case MaskKind::none: return "none";
-    case MaskKind::causal: return "causal";
-    case MaskKind::keep_mask: return "keep_mask";
-    case MaskKind::bias: return "bias";
-    case MaskKind::valid_keys: return "valid_keys";
-    case MaskKind::window: return "window";
-    case MaskKind::all: return "all";
-  }
-  return "?";
-}
 
 // Sums of weights: 1 for a row that attends anything, 0 for a fully masked one.
 template <typename Derived>

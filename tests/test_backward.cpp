@@ -19,6 +19,7 @@ namespace fs = std::filesystem;
 using attn_test::ContainsSubstring;
 using attn_test::Index;
 using attn_test::Matrix;
+using attn_test::numeric_gradient;
 
 namespace {
 
@@ -28,22 +29,6 @@ double loss(const Eigen::MatrixXd& q, const Eigen::MatrixXd& k, const Eigen::Mat
             const Eigen::MatrixXd& d_out, const attn_test::ReferenceMasks& masks) {
   const double scale = 1.0 / std::sqrt(double(q.cols()));
   return (attn_test::reference_attention(q, k, v, scale, masks).output.array() * d_out.array()).sum();
-}
-
-/// Central differences of `loss` along every entry of `x` (one of q, k, v).
-template <typename Perturb>
-Eigen::MatrixXd numeric_gradient(const Eigen::MatrixXd& x, const Perturb& loss_at) {
-  const double h = 1e-6;
-  Eigen::MatrixXd gradient(x.rows(), x.cols());
-  for (Index r = 0; r < x.rows(); ++r) {
-    for (Index c = 0; c < x.cols(); ++c) {
-      Eigen::MatrixXd plus = x, minus = x;
-      plus(r, c) += h;
-      minus(r, c) -= h;
-      gradient(r, c) = (loss_at(plus) - loss_at(minus)) / (2 * h);
-    }
-  }
-  return gradient;
 }
 
 /// The options and the loop reference's masks for one of the suite's mask cases.
@@ -81,16 +66,16 @@ void set_mask_case(MaskCase<Scalar>& c, const std::string& name, Index n_q, Inde
 }  // namespace
 
 TEST_CASE("the loop reference's gradients are the loss's finite differences", "[backward][reference]") {
-  const Eigen::MatrixXd q = attn_test::random_matrix<double>(4, 3, 1);
-  const Eigen::MatrixXd k = attn_test::random_matrix<double>(6, 3, 2);
-  const Eigen::MatrixXd v = attn_test::random_matrix<double>(6, 2, 3);
+  Eigen::MatrixXd q = attn_test::random_matrix<double>(4, 3, 1);
+  Eigen::MatrixXd k = attn_test::random_matrix<double>(6, 3, 2);
+  Eigen::MatrixXd v = attn_test::random_matrix<double>(6, 2, 3);
   const Eigen::MatrixXd d_out = attn_test::random_matrix<double>(4, 2, 4);
   attn_test::ReferenceMasks masks;
   masks.causal = GENERATE(false, true);
   const auto g = attn_test::reference_attention_backward(q, k, v, d_out, 1.0 / std::sqrt(3.0), masks);
-  const auto dq = numeric_gradient(q, [&](const Eigen::MatrixXd& x) { return loss(x, k, v, d_out, masks); });
-  const auto dk = numeric_gradient(k, [&](const Eigen::MatrixXd& x) { return loss(q, x, v, d_out, masks); });
-  const auto dv = numeric_gradient(v, [&](const Eigen::MatrixXd& x) { return loss(q, k, x, d_out, masks); });
+  const auto dq = numeric_gradient(q, [&] { return loss(q, k, v, d_out, masks); });
+  const auto dk = numeric_gradient(k, [&] { return loss(q, k, v, d_out, masks); });
+  const auto dv = numeric_gradient(v, [&] { return loss(q, k, v, d_out, masks); });
   CHECK(attn_test::max_abs_difference(g.dq, dq) < 1e-8);
   CHECK(attn_test::max_abs_difference(g.dk, dk) < 1e-8);
   CHECK(attn_test::max_abs_difference(g.dv, dv) < 1e-8);
@@ -233,8 +218,8 @@ struct SoftCap {
 
 TEST_CASE("a score modifier's derivative carries the gradient through it", "[backward][mods]") {
   const Index n_q = 11, n_k = 13, d = 4;
-  const Eigen::MatrixXd q = attn_test::random_matrix<double>(n_q, d, 18, 3.0);
-  const Eigen::MatrixXd k = attn_test::random_matrix<double>(n_k, d, 19, 3.0);
+  Eigen::MatrixXd q = attn_test::random_matrix<double>(n_q, d, 18, 3.0);
+  Eigen::MatrixXd k = attn_test::random_matrix<double>(n_k, d, 19, 3.0);
   const Eigen::MatrixXd v = attn_test::random_matrix<double>(n_k, d, 20);
   const Eigen::MatrixXd d_out = attn_test::random_matrix<double>(n_q, d, 21);
   const attn::Mods mods{SoftCap{}, attn::NoMaskMod{}};
@@ -244,8 +229,8 @@ TEST_CASE("a score modifier's derivative carries the gradient through it", "[bac
   const auto loss_of = [&](const Eigen::MatrixXd& qq, const Eigen::MatrixXd& kk) {
     return (attn::flash_attention(qq, kk, v, attn::Heads{}, options, mods).array() * d_out.array()).sum();
   };
-  const auto dq = numeric_gradient(q, [&](const Eigen::MatrixXd& x) { return loss_of(x, k); });
-  const auto dk = numeric_gradient(k, [&](const Eigen::MatrixXd& x) { return loss_of(q, x); });
+  const auto dq = numeric_gradient(q, [&] { return loss_of(q, k); });
+  const auto dk = numeric_gradient(k, [&] { return loss_of(q, k); });
   CHECK(attn_test::max_abs_difference(g.dq, dq) < 1e-7);
   CHECK(attn_test::max_abs_difference(g.dk, dk) < 1e-7);
 }

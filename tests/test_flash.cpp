@@ -11,6 +11,7 @@
 #include "attn_test.hpp"
 #include "reference.hpp"
 
+using attn_test::MaskKind;
 using attn_test::max_abs_difference;
 using attn_test::random_keep_mask;
 using attn_test::random_matrix;
@@ -30,8 +31,6 @@ double agreement(const Matrix<Scalar>& reference) {
   const double size = reference.size() == 0 ? 1.0 : std::max(1.0, double(reference.cwiseAbs().maxCoeff()));
   return relative * size;
 }
-
-enum class MaskKind { none, causal, keep_mask, bias, valid_keys, window, all };
 
 // Sets `options` for `kind`; the keep-mask and bias live in `storage`, which outlives them.
 template <typename Scalar>
@@ -59,7 +58,7 @@ TEMPLATE_TEST_CASE("flash_attention agrees with the reference path for every mas
        {290, 301, 32, 32}}));
   const MaskKind kind = GENERATE(MaskKind::none, MaskKind::causal, MaskKind::keep_mask, MaskKind::bias,
                                  MaskKind::valid_keys, MaskKind::window, MaskKind::all);
-  INFO("n_q=" << n_q << " n_k=" << n_k << " d_k=" << d_k << " d_v=" << d_v << " mask kind " << int(kind));
+  INFO("n_q=" << n_q << " n_k=" << n_k << " d_k=" << d_k << " d_v=" << d_v << " mask=" << name(kind));
   const auto seed = static_cast<std::uint32_t>(n_q * 1009 + n_k * 31 + d_k * 7 + d_v);
   const Matrix<Scalar> q = random_matrix<Scalar>(n_q, d_k, seed, 2.0);
   const Matrix<Scalar> k = random_matrix<Scalar>(n_k, d_k, seed + 1, 2.0);

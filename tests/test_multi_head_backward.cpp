@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <functional>
 #include <string>
 #include <type_traits>
 
@@ -18,27 +17,9 @@
 #include "reference.hpp"
 
 using attn_test::Index;
+using attn_test::numeric_gradient;
 
 namespace {
-
-/// Central differences of `loss` along every entry of `x`, which `loss` reads.
-template <typename Parameter>
-Parameter numeric_gradient(Parameter& x, const std::function<double()>& loss) {
-  const double h = 1e-6;
-  Parameter gradient(x.rows(), x.cols());
-  for (Index r = 0; r < x.rows(); ++r) {
-    for (Index c = 0; c < x.cols(); ++c) {
-      const double saved = x(r, c);
-      x(r, c) = saved + h;
-      const double plus = loss();
-      x(r, c) = saved - h;
-      const double minus = loss();
-      x(r, c) = saved;
-      gradient(r, c) = (plus - minus) / (2 * h);
-    }
-  }
-  return gradient;
-}
 
 struct ModuleCase {
   std::string name;
