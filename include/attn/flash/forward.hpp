@@ -21,8 +21,7 @@ namespace attn::detail {
 
 /// The plan of a call with these options: the masks' band bounds the keys, 0 threads means
 /// all that OpenMP offers. Also what a caller reserving a workspace ahead of time plans with.
-/// `KeyStorage` and `ValueStorage` are the scalars k and v are stored in.
-template <typename KeyStorage = void, typename ValueStorage = KeyStorage, typename Scalar>
+template <typename Scalar>
 TilePlan plan_attention(Eigen::Index n_q, Eigen::Index n_k, Heads heads, Eigen::Index d_k, Eigen::Index d_v,
                         const AttentionOptions<Scalar>& options, Eigen::Index block_q = 0, Eigen::Index block_k = 0) {
   const KeyBand band(options, n_q, n_k);
@@ -37,8 +36,6 @@ TilePlan plan_attention(Eigen::Index n_q, Eigen::Index n_k, Heads heads, Eigen::
   shape.threads = resolve_thread_count(options.num_threads);
   shape.block_q = block_q;
   shape.block_k = block_k;
-  shape.stage_keys = !std::is_void_v<KeyStorage> && !std::is_same_v<KeyStorage, Scalar>;
-  shape.stage_values = !std::is_void_v<ValueStorage> && !std::is_same_v<ValueStorage, Scalar>;
   return plan_tiles<Scalar>(shape);
 }
 
@@ -94,8 +91,7 @@ void run_flash_attention(const Queries& q, const Keys& k, const Values& v, Heads
                          Lse& lse, Workspace<Scalar>& workspace, Eigen::Index block_q, Eigen::Index block_k) {
   const Eigen::Index d_k = q.cols() / heads.num_heads;
   const Eigen::Index d_v = v.cols() / heads.num_kv_heads;
-  const TilePlan plan = plan_attention<typename Keys::Scalar, typename Values::Scalar>(
-      q.rows(), k.rows(), heads, d_k, d_v, options, block_q, block_k);
+  const TilePlan plan = plan_attention(q.rows(), k.rows(), heads, d_k, d_v, options, block_q, block_k);
   WorkspaceAccess::start_call(workspace);
   if (plan.items == 0) return;
   workspace.reserve(plan);

@@ -81,10 +81,6 @@ struct TileShape {
   int threads = 1;
   Eigen::Index block_q = 0;
   Eigen::Index block_k = 0;
-  /// Keys, values stored in another scalar than the kernel computes in (16 bits): each
-  /// tile is converted into the slot before its product.
-  bool stage_keys = false;
-  bool stage_values = false;
 };
 
 /// How one call is tiled. Work items are numbered [0, items): without a key split, item i
@@ -115,9 +111,6 @@ struct TilePlan {
   Eigen::Index items = 0;
   /// Threads, and so scratch slots: no more than there are work items (none without any).
   int threads = 0;
-  /// Whether key and value tiles are converted into the slot (`TileShape`).
-  bool stage_keys = false;
-  bool stage_values = false;
 
   bool splits_keys() const noexcept { return key_chunks > 1; }
   /// Keys per slice of the weights · values product of a block of `rows` rows: slices keep
@@ -165,8 +158,6 @@ TilePlan plan_tiles(const TileShape& shape) noexcept {
   constexpr Eigen::Index per_line = std::max<Eigen::Index>(1, 64 / static_cast<Eigen::Index>(sizeof(Scalar)));
   plan.score_stride = (plan.block_k + per_line - 1) / per_line * per_line;
   plan.pack_scalars = pack_limit<Scalar>;
-  plan.stage_keys = shape.stage_keys;
-  plan.stage_values = shape.stage_values;
   if (shape.n_q == 0) return plan;
 
   plan.query_blocks = (shape.n_q + plan.block_q - 1) / plan.block_q;

@@ -25,6 +25,7 @@
 #include "../softmax.hpp"
 #include "plan.hpp"
 #include "row_products.hpp"
+#include "tile_products.hpp"
 #include "workspace.hpp"
 
 namespace attn::detail {
@@ -124,6 +125,25 @@ auto operand_tile(const QuantizedRows& operand, Eigen::Matrix<Scalar, Eigen::Dyn
   return Eigen::Map<const row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>>(storage.data(), count, width);
 }
 
+/// Whether a tile's products are tile_products.hpp's packed products, which pack keys and
+/// values from their storage (float, double or 16 bits): every tile in float or double
+/// but those of a q8_0 store, whose rows `operand_tile` dequantises for Eigen's products.
+template <typename Scalar, typename Operand>
+inline constexpr bool packs_tiles_v =
+    (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>) && !std::is_same_v<Operand, QuantizedRows>;
+
+/// Rows [first_row, first_row + count) of head `kv_head`'s columns of `operand`, as stored.
+template <typename Operand>
+auto stored_block(const Eigen::MatrixBase<Operand>& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                  Eigen::Index count, Eigen::Index width) {
+  return operand.block(first_row, kv_head * width, count, width);
+}
+template <typename Stored>
+auto stored_block(const HeadMajorRows<Stored>& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                  Eigen::Index count, Eigen::Index /*width*/) {
+  return operand.head_rows(kv_head, first_row, count);
+}
+
 /// Keys [first_key, first_key + count) of `kv_head`, in the kernel's scalar.
 template <typename Problem, typename Scalar>
 decltype(auto) key_tile(const Problem& problem, TileSlot<Scalar>& slot, Eigen::Index kv_head, Eigen::Index first_key,
@@ -145,7 +165,14 @@ auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& q
                 Eigen::Index first_key, Eigen::Index cols) {
   Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
       slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(problem.plan.score_stride));
-  scores.noalias() = queries * key_tile(problem, slot, kv_head, first_key, cols).transpose();
+  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.k)>>) {
+    const Eigen::Index d_k = problem.plan.d_k;
+    pack_key_panels(stored_block(problem.k, kv_head, first_key, cols, d_k), slot.key_storage.data());
+    score_packed_tile(queries.data(), queries.outerStride(), queries.rows(), d_k, slot.key_storage.data(), cols,
+                      scores.data(), scores.outerStride());
+  } else {
+    scores.noalias() = queries * key_tile(problem, slot, kv_head, first_key, cols).transpose();
+  }
   if (!scale_queries_first(problem.scale)) scores *= problem.scale;
   return scores;
 }
@@ -246,7 +273,8 @@ EIGEN_ALWAYS_INLINE Scalar running_max(Scalar row_max, const Row& score_row) {
 /// leaving the tile's unnormalised weights in `score_row`. Forced inline: it runs once per
 /// row per tile, and a call there cost 2% of the kernel's own instructions (callgrind).
 template <typename Row, typename Scalar, typename AccumulatorRow>
-EIGEN_ALWAYS_INLINE void online_softmax_row(Row&& score_row, Scalar& row_max, Scalar& row_sum, AccumulatorRow&& accumulator_row) {
+EIGEN_ALWAYS_INLINE void online_softmax_row(Row&& score_row, Scalar& row_max, Scalar& row_sum,
+                                            AccumulatorRow&& accumulator_row) {
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   const Scalar new_max = running_max(row_max, score_row);
   if (new_max == minus_infinity) {
@@ -284,14 +312,26 @@ void online_softmax_masked_row(const Row& score_row, const Values& values, Scala
   row_max = new_max;
 }
 
-/// accumulator += weights · values: (rows × cols)·(cols × d_v), in the plan's slices of keys.
-template <typename Weights, typename Values, typename Accumulator>
-void accumulate_values(const TilePlan& plan, const Weights& weights, const Values& values, Accumulator&& accumulator) {
+/// accumulator += weights · the values [first_key, first_key + cols) of `kv_head`:
+/// (rows × cols)·(cols × d_v); through Eigen's products (a q8_0 store), in the plan's
+/// slices of keys.
+template <typename Problem, typename Scalar, typename Weights, typename Accumulator>
+void accumulate_values(const Problem& problem, TileSlot<Scalar>& slot, const Weights& weights, Eigen::Index kv_head,
+                       Eigen::Index first_key, Accumulator&& accumulator) {
   const Eigen::Index cols = weights.cols();
-  const Eigen::Index slice = plan.value_slice(weights.rows());
-  for (Eigen::Index first = 0; first < cols; first += slice) {
-    const Eigen::Index count = std::min(slice, cols - first);
-    accumulator.noalias() += weights.middleCols(first, count) * values.middleRows(first, count);
+  const Eigen::Index d_v = problem.plan.d_v;
+  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.v)>>) {
+    const auto [values, value_stride] =
+        value_rows(stored_block(problem.v, kv_head, first_key, cols, d_v), slot.value_storage.data());
+    accumulate_packed_tile(weights.data(), weights.outerStride(), weights.rows(), values, value_stride, cols, d_v,
+                           accumulator.data(), accumulator.outerStride());
+  } else {
+    decltype(auto) values = value_tile(problem, slot, kv_head, first_key, cols);
+    const Eigen::Index slice = problem.plan.value_slice(weights.rows());
+    for (Eigen::Index first = 0; first < cols; first += slice) {
+      const Eigen::Index count = std::min(slice, cols - first);
+      accumulator.noalias() += weights.middleCols(first, count) * values.middleRows(first, count);
+    }
   }
 }
 
@@ -359,8 +399,7 @@ void attend_tiles(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem
         return score_tile(problem, slot, queries, kv_head, first_key, cols);
       },
       [&](const auto& weights, Eigen::Index first_key) {
-        accumulate_values(problem.plan, weights, value_tile(problem, slot, kv_head, first_key, weights.cols()),
-                          accumulator);
+        accumulate_values(problem, slot, weights, kv_head, first_key, accumulator);
       });
 }
 

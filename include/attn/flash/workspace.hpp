@@ -10,6 +10,7 @@
 
 #include "../detail/operands.hpp"
 #include "plan.hpp"
+#include "tile_products.hpp"
 
 namespace attn {
 
@@ -60,8 +61,10 @@ class Workspace {
       detail::grow_to(slot.accumulator, plan.block_q, plan.d_v);
       detail::grow_to(slot.row_max, plan.block_q, 1);
       detail::grow_to(slot.row_sum, plan.block_q, 1);
-      if (plan.stage_keys) detail::grow_to(slot.key_storage, plan.block_k * plan.d_k, 1);
-      if (plan.stage_values) detail::grow_to(slot.value_storage, plan.block_k * plan.d_v, 1);
+      // The packed keys and values of a tile (tile_products.hpp), or its keys and values
+      // converted from 16 bits for Eigen's products.
+      detail::grow_to(slot.key_storage, detail::packed_keys_size<Scalar>(plan.block_k, plan.d_k), 1);
+      detail::grow_to(slot.value_storage, plan.block_k * plan.d_v, 1);
     }
     detail::grow_to(partial_out_, plan.partial_rows(), plan.d_v);
     detail::grow_to(partial_lse_, plan.partial_rows(), 1);

@@ -59,8 +59,8 @@ void MultiHeadAttention<Scalar>::decode_into(const Eigen::MatrixBase<DerivedX>& 
     apply_rope_inplace(queries, n_past, head_dim(), *rope());
     apply_rope_inplace(keys, n_past, head_dim(), *rope());
   }
-  workspace.flash.reserve(detail::plan_attention<Storage>(n_new, std::max(cache.capacity(), n_total), heads(),
-                                                         head_dim(), head_dim(), step));
+  workspace.flash.reserve(
+      detail::plan_attention(n_new, std::max(cache.capacity(), n_total), heads(), head_dim(), head_dim(), step));
 
   cache.extend(layer, n_new).assign(keys, values);
   try {
