@@ -180,7 +180,8 @@ TEMPLATE_TEST_CASE("scores overflow only where their true values do, in both pat
   constexpr bool is_float = std::is_same_v<Scalar, float>;
   // Each side's magnitudes: the product of two overflows where the scaled score does not.
   const Scalar big = is_float ? Scalar(1e20) : Scalar(1e160);
-  const Index d = 4, n = 5;
+  // d odd: no logit is a sum of ±big² terms that cancels to exactly 0.
+  const Index d = 5, n = 5;
   const Matrix<Scalar> signs = attn_test::random_matrix<Scalar>(n, d, 7).array().sign().matrix();
   const Matrix<Scalar> v = attn_test::random_matrix<Scalar>(n, 3, 8);
 
@@ -213,9 +214,14 @@ TEMPLATE_TEST_CASE("scores overflow only where their true values do, in both pat
   };
 
   SECTION("a shrinking scale: q·k overflows, scale·q·k does not") {
-    // q = k = ±big, scale = 1e20/big²: logits of up to ±4e20.
+    // q = ±big, key j = ±big·(1 + j/8), scale = 1e20/big²: logits of up to ±7.5e20, no
+    // two of a row equal. Equal logits this large would make the expected output depend
+    // on their last bits: a rounding of 1e-16 of them is 1e4, which any valid order of
+    // the sums (fused or not) may leave in one and not the other.
     const Matrix<Scalar> q = big * signs;
-    const Matrix<Scalar> k = big * signs.reverse();
+    const Eigen::Array<Scalar, Eigen::Dynamic, 1> key_scale =
+        Eigen::Array<Scalar, Eigen::Dynamic, 1>::LinSpaced(n, Scalar(1), Scalar(1) + Scalar(n - 1) / 8);
+    const Matrix<Scalar> k = big * (key_scale.matrix().asDiagonal() * signs.reverse());
     check_against_double(q, k, Scalar(1e20) / big / big);
   }
   SECTION("a growing scale: scale·q overflows, scale·(q·k) does not") {
