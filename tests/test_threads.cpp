@@ -230,8 +230,8 @@ TEST_CASE("MultiHeadAttention::backward: the same bits on any thread count", "[t
 }
 
 TEMPLATE_TEST_CASE("decode steps: the same bits on any thread count, and scratch sized once",
-                   "[threads][multi_head][decode]", float, attn::bfloat16) {
-  using Storage = TestType;  // the cache's: float, or 16 bits converted tile by tile
+                   "[threads][multi_head][decode]", float, attn::bfloat16, attn::q8_0) {
+  using Storage = TestType;  // the cache's: float, or 16 or 8 bits converted as they are read
   using Matrix = Eigen::MatrixXf;
   // Multi-query attention: its single KV head makes the fewest work items, so the thread
   // slots a step needs grow most with the cache (one per key chunk).
