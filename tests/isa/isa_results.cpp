@@ -14,15 +14,18 @@
 //
 // The cases reach every kernel a user's build compiles differently: the reference path
 // (scores, masks, softmax, weights), the tiled kernel with heads, GQA, every mask, ALiBi and
-// the log-sum-exp, a long decode with RoPE across the key split, and the worked example.
+// the log-sum-exp, a long decode with RoPE across the key split, the 16- and 8-bit
+// conversions (bfloat16 operands, bfloat16, half and q8_0 caches), and the worked example.
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <map>
 #include <string>
+#include <type_traits>
 
 #include <attn/attn.hpp>
 #include <attn/npy.hpp>
@@ -105,32 +108,65 @@ void tiled_kernel(Results<Scalar>& results) {
   results["tiled_alibi_causal_lse"] = lse;
 }
 
-/// Decoding: a module with GQA and RoPE, its cache filled past the key split (1024), then
-/// token-by-token steps.
-template <typename Scalar>
-void decode(Results<Scalar>& results) {
+/// Decoding: a module with GQA and RoPE, its cache (stored as `Storage`) filled past the
+/// key split (1024), then token-by-token steps.
+template <typename Scalar, typename Storage = Scalar>
+void decode(Results<Scalar>& results, const std::string& prefix = "decode") {
+  // A cache in 16 or 8 bits rounds the keys and values it is given, so their projections
+  // must be the same bits on every instruction set, or an entry near a rounding boundary
+  // rounds apart (and moves the output by 1e-5, past the bound). Weights, biases and
+  // tokens on a grid of 1/16 make every projection exact in float; RoPE's sines and
+  // cosines would not be, and stay with the float cache.
+  constexpr bool rounds_its_rows = !std::is_same_v<Storage, Scalar>;
+  const auto matrix = [](Index rows, Index cols, std::uint32_t seed, double range) -> Matrix<Scalar> {
+    Matrix<Scalar> m = random_matrix<Scalar>(rows, cols, seed, range);
+    if constexpr (rounds_its_rows) m = (m.array() * Scalar(16)).round() / Scalar(16);
+    return m;
+  };
   const Index embed_dim = 128, prompt = 1020, steps = 24;
   attn::MultiHeadOptions shape;
   shape.num_kv_heads = 2;
-  shape.rope = attn::Rope{};
+  if (!rounds_its_rows) shape.rope = attn::Rope{};
   attn::MultiHeadAttention<Scalar> module(embed_dim, 8, shape);
   const Index kv = module.kv_width();
-  module.set_weights(random_matrix<Scalar>(embed_dim, embed_dim, 21, 0.2), random_matrix<Scalar>(embed_dim, kv, 22, 0.2),
-                     random_matrix<Scalar>(embed_dim, kv, 23, 0.2),
-                     random_matrix<Scalar>(embed_dim, embed_dim, 24, 0.2));
-  module.set_biases(random_matrix<Scalar>(1, embed_dim, 25, 0.1), random_matrix<Scalar>(1, kv, 26, 0.1),
-                    random_matrix<Scalar>(1, kv, 27, 0.1), random_matrix<Scalar>(1, embed_dim, 28, 0.1));
-  const Matrix<Scalar> tokens = random_matrix<Scalar>(prompt + steps, embed_dim, 29);
-  auto cache = module.make_cache(1, prompt + steps);
+  module.set_weights(matrix(embed_dim, embed_dim, 21, 0.2), matrix(embed_dim, kv, 22, 0.2),
+                     matrix(embed_dim, kv, 23, 0.2), matrix(embed_dim, embed_dim, 24, 0.2));
+  module.set_biases(matrix(1, embed_dim, 25, 0.1), matrix(1, kv, 26, 0.1), matrix(1, kv, 27, 0.1),
+                    matrix(1, embed_dim, 28, 0.1));
+  const Matrix<Scalar> tokens = matrix(prompt + steps, embed_dim, 29, 1.0);
+  auto cache = module.template make_cache<Storage>(1, prompt + steps);
   attn::MultiHeadWorkspace<Scalar> workspace;
   Matrix<Scalar> out, step_outputs(steps, embed_dim);
   module.decode_into(tokens.topRows(prompt), cache, 0, {}, out, workspace);
-  results["decode_prompt_out"] = out;
+  results[prefix + "_prompt_out"] = out;
   for (Index t = 0; t < steps; ++t) {
     module.decode_into(tokens.middleRows(prompt + t, 1), cache, 0, {}, out, workspace);
     step_outputs.row(t) = out;
   }
-  results["decode_steps_out"] = step_outputs;
+  results[prefix + "_steps_out"] = step_outputs;
+}
+
+/// 16- and 8-bit storage, computed in float: the tiled kernel over bfloat16 queries, keys
+/// and values (converted as each tile is packed), and decoding over a bfloat16, a half and
+/// a q8_0 cache (converted in registers by the row products). The conversions are exact,
+/// and the stored values the same bits everywhere (see `decode`), so only the order of the
+/// float arithmetic may differ from one instruction set to another.
+void reduced_storage(Results<float>& results) {
+  const Index n_q = 150, n_k = 300, d = 64;
+  using Bf16Matrix = Matrix<attn::bfloat16>;
+  const Bf16Matrix q = random_matrix<float>(n_q, 4 * d, 31, 2.0).cast<attn::bfloat16>();
+  const Bf16Matrix k = random_matrix<float>(n_k, 2 * d, 32, 2.0).cast<attn::bfloat16>();
+  const Bf16Matrix v = random_matrix<float>(n_k, 2 * d, 33).cast<attn::bfloat16>();
+  attn::AttentionOptionsf options;
+  options.causal = true;
+  Matrix<float> out, lse;
+  attn::Workspacef workspace;
+  attn::flash_attention_into(q, k, v, attn::Heads{4, 2}, options, out, lse, workspace);
+  results["bf16_tiled_causal_out"] = out;
+  results["bf16_tiled_causal_lse"] = lse;
+  decode<float, attn::bfloat16>(results, "decode_bf16_cache");
+  decode<float, attn::half>(results, "decode_half_cache");
+  decode<float, attn::q8_0>(results, "decode_q8_0_cache");
 }
 
 template <typename Scalar>
@@ -140,6 +176,7 @@ Results<Scalar> compute() {
   reference_path(results);
   tiled_kernel(results);
   decode(results);
+  if constexpr (std::is_same_v<Scalar, float>) reduced_storage(results);
   return results;
 }
 
