@@ -76,6 +76,18 @@ void start_rows(TileSlot<Scalar>& slot, Eigen::Index rows, Eigen::Index d_v) {
   slot.row_sum.head(rows).setZero();
 }
 
+/// Rows [first_row, first_row + count) of head `kv_head`'s columns of `operand`, as stored.
+template <typename Operand>
+auto stored_block(const Eigen::MatrixBase<Operand>& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                  Eigen::Index count, Eigen::Index width) {
+  return operand.block(first_row, kv_head * width, count, width);
+}
+template <typename Stored>
+auto stored_block(const HeadMajorRows<Stored>& operand, Eigen::Index kv_head, Eigen::Index first_row,
+                  Eigen::Index count, Eigen::Index /*width*/) {
+  return operand.head_rows(kv_head, first_row, count);
+}
+
 /// Rows [first_row, first_row + count) of head `kv_head`'s columns of `operand`, in the
 /// kernel's scalar: the operand's own block, or, for an operand stored in 16 bits, the block
 /// converted into `storage`, in the operand's storage order (a vectorised copy). Converted
@@ -84,7 +96,7 @@ template <typename Scalar, typename Operand>
 decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand,
                             Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage, Eigen::Index kv_head,
                             Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
-  const auto block = operand.block(first_row, kv_head * width, count, width);
+  const auto block = stored_block(operand, kv_head, first_row, count, width);
   if constexpr (std::is_same_v<typename Operand::Scalar, Scalar>) {
     return block;
   } else {
@@ -113,7 +125,7 @@ decltype(auto) operand_tile(const Eigen::MatrixBase<Operand>& operand,
 template <typename Scalar, typename Stored>
 decltype(auto) operand_tile(const HeadMajorRows<Stored>& operand, Eigen::Matrix<Scalar, Eigen::Dynamic, 1>& storage,
                             Eigen::Index kv_head, Eigen::Index first_row, Eigen::Index count, Eigen::Index width) {
-  return operand_tile(operand.head_rows(kv_head, first_row, count), storage, 0, 0, count, width);
+  return operand_tile(stored_block(operand, kv_head, first_row, count, width), storage, 0, 0, count, width);
 }
 
 /// The same for a q8_0 store: its head's rows dequantised into `storage`, row-major.
@@ -131,18 +143,6 @@ auto operand_tile(const QuantizedRows& operand, Eigen::Matrix<Scalar, Eigen::Dyn
 template <typename Scalar, typename Operand>
 inline constexpr bool packs_tiles_v =
     (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>) && !std::is_same_v<Operand, QuantizedRows>;
-
-/// Rows [first_row, first_row + count) of head `kv_head`'s columns of `operand`, as stored.
-template <typename Operand>
-auto stored_block(const Eigen::MatrixBase<Operand>& operand, Eigen::Index kv_head, Eigen::Index first_row,
-                  Eigen::Index count, Eigen::Index width) {
-  return operand.block(first_row, kv_head * width, count, width);
-}
-template <typename Stored>
-auto stored_block(const HeadMajorRows<Stored>& operand, Eigen::Index kv_head, Eigen::Index first_row,
-                  Eigen::Index count, Eigen::Index /*width*/) {
-  return operand.head_rows(kv_head, first_row, count);
-}
 
 /// Keys [first_key, first_key + count) of `kv_head`, in the kernel's scalar.
 template <typename Problem, typename Scalar>

@@ -142,7 +142,7 @@ inline constexpr bool reads_value_rows_in_place_v = std::is_same_v<typename Valu
 
 /// The rows of `values` (count × width, any storage order and storage scalar) in the
 /// kernel's scalar, row-major: where they lie (`reads_value_rows_in_place_v`), else packed
-/// into `packed`: 16-bit rows converted a packet at a time, a column-major operand
+/// into `packed`: 16-bit rows widened (`widen`), a column-major operand
 /// transposed a block at a time (`transpose_into_rows`; Eigen's assignment would read it
 /// across its columns, a cache line per value). Returns the rows and their stride.
 template <typename Scalar, typename Values>
@@ -151,15 +151,9 @@ std::pair<const Scalar*, Eigen::Index> value_rows(const Eigen::MatrixBase<Values
   if constexpr (reads_value_rows_in_place_v<Scalar, Values>) {
     return {values.derived().data(), values.derived().outerStride()};
   } else if constexpr (is_packet_block_v<Scalar, Values> && bool(Values::IsRowMajor)) {
-    constexpr Eigen::Index size = TileBlocks<Scalar>::size;
-    const auto* data = values.derived().data();
-    const Eigen::Index stride = values.derived().outerStride();
+    // Rows in 16 bits (the in-place case takes every other row-major packet block).
     for (Eigen::Index j = 0; j < count; ++j) {
-      Eigen::Index c = 0;
-      for (; c + size <= width; c += size) {
-        Eigen::internal::pstoreu(packed + j * width + c, load_as<Scalar>(data + j * stride + c));
-      }
-      for (; c < width; ++c) packed[j * width + c] = static_cast<Scalar>(data[j * stride + c]);
+      widen(values.derived().data() + j * values.derived().outerStride(), packed + j * width, width);
     }
   } else if constexpr (is_packet_block_v<Scalar, Values>) {
     transpose_into_rows(values.derived().data(), values.derived().outerStride(), count, width, packed, width);
