@@ -107,8 +107,9 @@ attn::MultiHeadAttention<Scalar> random_gqa_module(Index embed_dim, std::uint32_
 }  // namespace
 
 TEST_CASE("the kernel reads a q8_0 cache as the float kernel reads its dequantised values", "[quantize][flash]") {
-  // A cache of 3 KV heads of width 40 (a short last block), 1100 tokens (past a split chunk).
-  const Index tokens = 1100, heads = 3, width = 40;
+  // A cache of 3 KV heads of width 40 (a short last block), 1101 tokens (past a split chunk, and a
+  // last group of keys that is not a multiple of four).
+  const Index tokens = 1101, heads = 3, width = 40;
   attn::KVCache<attn::q8_0> cache(1, heads * width, heads * width, tokens, attn::CacheOverflow::throw_error, heads);
   const Eigen::MatrixXf keys = random_matrix<float>(tokens, heads * width, 911, 2.0);
   const Eigen::MatrixXf values = random_matrix<float>(tokens, heads * width, 912);

@@ -108,24 +108,27 @@ inline void dequantize_row(const QuantizedRows& rows, Eigen::Index head, Eigen::
   dequantize_q8_0(rows.quants.row(head, row), rows.scales.row(head, row), rows.quants.width, to);
 }
 
-/// One packet of Eigen's float SIMD from q8_0 quants at `quants`, times `scale`: the
-/// conversion in registers of a decode step (`load_float_packet` for 8 bits).
-EIGEN_ALWAYS_INLINE Eigen::internal::packet_traits<float>::type load_float_packet(const std::int8_t* quants,
-                                                                                  float scale) noexcept {
-  using Packet = Eigen::internal::packet_traits<float>::type;
-  const Packet scales = Eigen::internal::pset1<Packet>(scale);
+/// One packet of Eigen's float SIMD from q8_0 quants at `quants`, before their block's
+/// scale: the conversion in registers of a decode step (`load_float_packet` for 8 bits).
+EIGEN_ALWAYS_INLINE Eigen::internal::packet_traits<float>::type load_float_packet(const std::int8_t* quants) noexcept {
 #if defined(EIGEN_VECTORIZE_AVX512)
-  return Eigen::internal::pmul(
-      scales, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants)))));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants))));
 #elif defined(EIGEN_VECTORIZE_AVX2)
-  return Eigen::internal::pmul(
-      scales, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(quants)))));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(quants))));
 #else
+  using Packet = Eigen::internal::packet_traits<float>::type;
   constexpr int size = Eigen::internal::packet_traits<float>::size;
   alignas(64) float converted[size];
   for (int i = 0; i < size; ++i) converted[i] = static_cast<float>(quants[i]);
-  return Eigen::internal::pmul(scales, Eigen::internal::pload<Packet>(converted));
+  return Eigen::internal::pload<Packet>(converted);
 #endif
+}
+
+/// The same, times `scale`.
+EIGEN_ALWAYS_INLINE Eigen::internal::packet_traits<float>::type load_float_packet(const std::int8_t* quants,
+                                                                                  float scale) noexcept {
+  using Packet = Eigen::internal::packet_traits<float>::type;
+  return Eigen::internal::pmul(Eigen::internal::pset1<Packet>(scale), load_float_packet(quants));
 }
 
 /// A q8_0 store is taken as it is.
