@@ -16,20 +16,23 @@
 
 namespace attn {
 
-/// Default tile sizes. Eigen packs each product's operands into buffers it keeps on the
-/// stack up to EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) and on the heap beyond, so the tiles
-/// are sized to keep every packed operand within it: then no tile product allocates, and a
-/// loop that reuses its workspace allocates nothing (tests/test_no_malloc.cpp). Within that
-/// bound, larger tiles won on Zen 4 (benchmarks/): a key block re-packs the query block it
-/// meets, and each product pays Eigen's fixed overhead. Hence 128 queries (64 in double)
-/// against 512 keys for d ≤ 64, fewer for wider heads; the weights · values product runs
-/// in slices of `pack_limit / block_q` keys. Explicit sizes are the template arguments of
+/// Default tile sizes. A key tile is packed (tile_products.hpp) or, for a q8_0 store,
+/// dequantised for Eigen's products once per query block that meets it, so a taller query
+/// block packs each key less often: 256 query rows (128 in double) measured 1.05-1.09×
+/// the GFLOP/s of 128 without a mask on Zen 4 (d = 64 and 128, N = 1024-4096, best of 24
+/// runs of each), 512 1.1×, but a causal mask, whose diagonal tiles are partly masked,
+/// lost 3% at N = 1024 with 256 rows and 17% with 512. Key tiles hold `pack_limit` scalars
+/// (128 KiB: 512 keys for d ≤ 64, fewer for wider heads), which is also the bound within
+/// which Eigen packs a product's operand on the stack (EIGEN_STACK_ALLOCATION_LIMIT): a
+/// q8_0 store's tiles take Eigen's products, which allocate nothing then, and their
+/// weights · values product runs in slices of `pack_limit / block_q` keys for the same
+/// reason (tests/test_no_malloc.cpp). Explicit sizes are the template arguments of
 /// `flash_attention_into<BlockQ, BlockK>(…)`.
 template <typename Scalar>
 inline constexpr Eigen::Index pack_limit = EIGEN_STACK_ALLOCATION_LIMIT / sizeof(Scalar);
 
 template <typename Scalar>
-inline constexpr Eigen::Index default_block_q = pack_limit<Scalar> / 256;
+inline constexpr Eigen::Index default_block_q = pack_limit<Scalar> / 128;
 
 template <typename Scalar>
 constexpr Eigen::Index default_block_k(Eigen::Index head_width) noexcept {
