@@ -14,9 +14,10 @@
 ///   back, so every iteration sees the same L. A step is memory-bound: it reads the
 ///   cache's keys and values and the four projection weights and does a few FLOPs per
 ///   float read (2 per key or value for MHA, 8 for GQA's shared heads).
-/// - `decode_bf16/<kind>`, `decode_half/<kind>`: the same step over a cache stored in 16
-///   bits (`make_cache<attn::bfloat16>`, `<attn::half>`): half the bytes to read, each tile
-///   converted to float as the kernel reads it.
+/// - `decode_bf16/<kind>`, `decode_half/<kind>`, `decode_q8/<kind>`: the same step over a
+///   cache stored in 16 bits (`make_cache<attn::bfloat16>`, `<attn::half>`: half the bytes
+///   to read) or in q8_0 (`make_cache<attn::q8_0>`: 34 bytes per 32 values), each row
+///   converted to float in registers as the kernel reads it.
 /// - `copy` and `read`: the machine's memory bandwidth in the same run, on buffers of
 ///   1 MiB … 256 MiB (the decode steps' working sets span 2.7 … 260 MiB), to compare the
 ///   decode steps' GB/s with: `copy` is std::memcpy, `read` sums the buffer (reads only,

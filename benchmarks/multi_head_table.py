@@ -34,10 +34,10 @@ def load(path):
 
 
 def parse(name):
-    """('mha_forward'|'decode'|'decode_bf16'|'decode_half'|'copy'|'read', kind or None, {arg: int})"""
+    """('mha_forward'|'decode'|'decode_bf16'|'decode_half'|'decode_q8'|'copy'|'read', kind or None, {arg: int})"""
     parts = name.split("/")
     family = parts[0]
-    kind = parts[1] if family in ("mha_forward", "decode", "decode_bf16", "decode_half") else None
+    kind = parts[1] if family in ("mha_forward", "decode", "decode_bf16", "decode_half", "decode_q8") else None
     args = {}
     for p in parts:
         m = re.fullmatch(r"(\w+):(\d+)", p)
@@ -198,26 +198,36 @@ def main():
                 w("| " + " | ".join(row) + " |")
     w("")
 
-    # Decode over 16-bit caches
-    if any(k[0] in ("decode_bf16", "decode_half") for k in table):
-        w("## Decode over 16-bit caches")
+    # Decode over 16- and 8-bit caches
+    if any(k[0] in ("decode_bf16", "decode_half", "decode_q8") for k in table):
+        w("## Decode over 16- and 8-bit caches")
         w("")
-        w("The same steps over a cache stored as bfloat16 or half (half the bytes; each tile converted "
-          "to float as the kernel reads it). `÷ float`: tokens/s over the float cache's in the same run.")
+        w("The same steps over a cache stored as bfloat16 or half (half the bytes) or q8_0 (34 bytes per 32 "
+          "values, 0.27 of float's), each row converted to float in registers as the kernel reads it. "
+          "`÷ float`: tokens/s over the float cache's in the same run; `÷ read`: total GB/s over the same "
+          "run's read of about the step's bytes, as above.")
         w("")
-        head = ["L", "threads", "kind", "storage", "tokens/s", "÷ float", "KV GB/s"]
+        head = ["L", "threads", "kind", "storage", "tokens/s", "÷ float", "KV GB/s", "total GB/s", "read (size)",
+                "÷ read"]
         w("| " + " | ".join(head) + " |")
         w("|" + "---|" * len(head))
         for length in lengths:
             for t in threads:
                 for kind in ("mha", "gqa"):
                     base = get(table, "decode", kind, cache=length, threads=t)
-                    for family, storage in (("decode_bf16", "bfloat16"), ("decode_half", "half")):
+                    for family, storage in (("decode_bf16", "bfloat16"), ("decode_half", "half"),
+                                            ("decode_q8", "q8_0")):
                         b = get(table, family, kind, cache=length, threads=t)
                         if b is None:
                             continue
+                        total = b["kv_bytes"] + b["weight_bytes"]
+                        size = nearest_size(read_sizes, total) if read_sizes else None
+                        r = get(table, "read", None, bytes=size, threads=t) if size else None
                         w("| " + " | ".join([str(length), str(t), kind.upper(), storage, fmt(b, "tokens/s"),
-                                             ratio(b, base, "tokens/s"), fmt(b, "kv_GB/s", 1)]) + " |")
+                                             ratio(b, base, "tokens/s"), fmt(b, "kv_GB/s", 1),
+                                             fmt(b, "total_GB/s", 1),
+                                             f"{fmt(r, 'read_GB/s', 1)} ({size >> 20} MiB)" if r else "–",
+                                             _ratio_to(b, r)]) + " |")
         w("")
     print("\n".join(out))
 
