@@ -144,6 +144,13 @@ template <typename Scalar, typename Operand>
 inline constexpr bool packs_tiles_v =
     (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>) && !std::is_same_v<Operand, QuantizedRows>;
 
+/// Whether a block of `rows` rows whose tiles `packs_tiles_v` allows packing does pack
+/// them: a few rows (a decode step over column-major keys and values) read each packed key
+/// and value once or twice, and packing them cost more than Eigen's matrix-vector products
+/// (`attn_bench`'s decode, one query over column-major keys and values, 8 heads, Zen 4:
+/// 5.4 and 3.1 GB/s packed at 4k and 64k keys, 27.7 and 12.3 through Eigen).
+inline bool packs_tile(Eigen::Index rows) noexcept { return rows > row_product_max_rows; }
+
 /// Keys [first_key, first_key + count) of `kv_head`, in the kernel's scalar.
 template <typename Problem, typename Scalar>
 decltype(auto) key_tile(const Problem& problem, TileSlot<Scalar>& slot, Eigen::Index kv_head, Eigen::Index first_key,
@@ -165,13 +172,20 @@ auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& q
                 Eigen::Index first_key, Eigen::Index cols) {
   Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
       slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(problem.plan.score_stride));
-  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.k)>>) {
-    const Eigen::Index d_k = problem.plan.d_k;
-    pack_key_panels(stored_block(problem.k, kv_head, first_key, cols, d_k), slot.key_storage.data());
-    score_packed_tile(queries.data(), queries.outerStride(), queries.rows(), d_k, slot.key_storage.data(), cols,
-                      scores.data(), scores.outerStride());
-  } else {
+  const auto by_eigen = [&] {
     scores.noalias() = queries * key_tile(problem, slot, kv_head, first_key, cols).transpose();
+  };
+  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.k)>>) {
+    if (packs_tile(queries.rows())) {
+      const Eigen::Index d_k = problem.plan.d_k;
+      pack_key_panels(stored_block(problem.k, kv_head, first_key, cols, d_k), slot.key_storage.data());
+      score_packed_tile(queries.data(), queries.outerStride(), queries.rows(), d_k, slot.key_storage.data(), cols,
+                        scores.data(), scores.outerStride());
+    } else {
+      by_eigen();
+    }
+  } else {
+    by_eigen();
   }
   if (!scale_queries_first(problem.scale)) scores *= problem.scale;
   return scores;
@@ -320,18 +334,25 @@ void accumulate_values(const Problem& problem, TileSlot<Scalar>& slot, const Wei
                        Eigen::Index first_key, Accumulator&& accumulator) {
   const Eigen::Index cols = weights.cols();
   const Eigen::Index d_v = problem.plan.d_v;
-  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.v)>>) {
-    const auto [values, value_stride] =
-        value_rows(stored_block(problem.v, kv_head, first_key, cols, d_v), slot.value_storage.data());
-    accumulate_packed_tile(weights.data(), weights.outerStride(), weights.rows(), values, value_stride, cols, d_v,
-                           accumulator.data(), accumulator.outerStride());
-  } else {
+  const auto by_eigen = [&] {
     decltype(auto) values = value_tile(problem, slot, kv_head, first_key, cols);
     const Eigen::Index slice = problem.plan.value_slice(weights.rows());
     for (Eigen::Index first = 0; first < cols; first += slice) {
       const Eigen::Index count = std::min(slice, cols - first);
       accumulator.noalias() += weights.middleCols(first, count) * values.middleRows(first, count);
     }
+  };
+  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.v)>>) {
+    if (packs_tile(weights.rows())) {
+      const auto [values, value_stride] =
+          value_rows(stored_block(problem.v, kv_head, first_key, cols, d_v), slot.value_storage.data());
+      accumulate_packed_tile(weights.data(), weights.outerStride(), weights.rows(), values, value_stride, cols, d_v,
+                             accumulator.data(), accumulator.outerStride());
+    } else {
+      by_eigen();
+    }
+  } else {
+    by_eigen();
   }
 }
 
