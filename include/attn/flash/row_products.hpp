@@ -349,8 +349,10 @@ EIGEN_ALWAYS_INLINE void accumulate_rows(const Scalar* weights, Eigen::Index wei
   for (; c + chunk * size <= body; c += chunk * size) {
     accumulate_packets<Rows, chunk>(weights, weight_stride, values, count, c, accumulator, accumulator_stride);
   }
-  for (; c < body; c += size) {
-    accumulate_packets<Rows, 1>(weights, weight_stride, values, count, c, accumulator, accumulator_stride);
+  if constexpr (chunk > 1) {
+    for (; c < body; c += size) {
+      accumulate_packets<Rows, 1>(weights, weight_stride, values, count, c, accumulator, accumulator_stride);
+    }
   }
   for (; c < width; ++c) {
     for (int r = 0; r < Rows; ++r) {

@@ -165,6 +165,24 @@ decltype(auto) value_tile(const Problem& problem, TileSlot<Scalar>& slot, Eigen:
   return operand_tile(problem.v, slot.value_storage, kv_head, first_key, count, problem.plan.d_v);
 }
 
+/// scores (rows × cols) = queries · keys [first_key, first_key + cols) of `kv_head`ᵀ:
+/// packed (tile_products.hpp) where `packs_tiles_v` and `packs_tile` say so, else Eigen's.
+template <typename Problem, typename Scalar, typename Queries, typename Scores>
+void score_products(const Problem& problem, TileSlot<Scalar>& slot, const Queries& queries, Eigen::Index kv_head,
+                    Eigen::Index first_key, Scores& scores) {
+  const Eigen::Index cols = scores.cols();
+  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.k)>>) {
+    if (packs_tile(queries.rows())) {
+      const Eigen::Index d_k = problem.plan.d_k;
+      pack_key_panels(stored_block(problem.k, kv_head, first_key, cols, d_k), slot.key_storage.data());
+      score_packed_tile(queries.data(), queries.outerStride(), queries.rows(), d_k, slot.key_storage.data(), cols,
+                        scores.data(), scores.outerStride());
+      return;
+    }
+  }
+  scores.noalias() = queries * key_tile(problem, slot, kv_head, first_key, cols).transpose();
+}
+
 /// scores: (rows × cols) = queries · keys [first_key, first_key + cols) of `kv_head`ᵀ, in
 /// the slot's score tile.
 template <typename Problem, typename Scalar, typename Queries>
@@ -172,21 +190,7 @@ auto score_tile(const Problem& problem, TileSlot<Scalar>& slot, const Queries& q
                 Eigen::Index first_key, Eigen::Index cols) {
   Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
       slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(problem.plan.score_stride));
-  const auto by_eigen = [&] {
-    scores.noalias() = queries * key_tile(problem, slot, kv_head, first_key, cols).transpose();
-  };
-  if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.k)>>) {
-    if (packs_tile(queries.rows())) {
-      const Eigen::Index d_k = problem.plan.d_k;
-      pack_key_panels(stored_block(problem.k, kv_head, first_key, cols, d_k), slot.key_storage.data());
-      score_packed_tile(queries.data(), queries.outerStride(), queries.rows(), d_k, slot.key_storage.data(), cols,
-                        scores.data(), scores.outerStride());
-    } else {
-      by_eigen();
-    }
-  } else {
-    by_eigen();
-  }
+  score_products(problem, slot, queries, kv_head, first_key, scores);
   if (!scale_queries_first(problem.scale)) scores *= problem.scale;
   return scores;
 }
@@ -327,32 +331,27 @@ void online_softmax_masked_row(const Row& score_row, const Values& values, Scala
 }
 
 /// accumulator += weights · the values [first_key, first_key + cols) of `kv_head`:
-/// (rows × cols)·(cols × d_v); through Eigen's products (a q8_0 store), in the plan's
-/// slices of keys.
+/// (rows × cols)·(cols × d_v): packed (tile_products.hpp) where `packs_tiles_v` and
+/// `packs_tile` say so, else through Eigen's products in the plan's slices of keys.
 template <typename Problem, typename Scalar, typename Weights, typename Accumulator>
 void accumulate_values(const Problem& problem, TileSlot<Scalar>& slot, const Weights& weights, Eigen::Index kv_head,
                        Eigen::Index first_key, Accumulator&& accumulator) {
   const Eigen::Index cols = weights.cols();
-  const Eigen::Index d_v = problem.plan.d_v;
-  const auto by_eigen = [&] {
-    decltype(auto) values = value_tile(problem, slot, kv_head, first_key, cols);
-    const Eigen::Index slice = problem.plan.value_slice(weights.rows());
-    for (Eigen::Index first = 0; first < cols; first += slice) {
-      const Eigen::Index count = std::min(slice, cols - first);
-      accumulator.noalias() += weights.middleCols(first, count) * values.middleRows(first, count);
-    }
-  };
   if constexpr (packs_tiles_v<Scalar, std::decay_t<decltype(problem.v)>>) {
     if (packs_tile(weights.rows())) {
+      const Eigen::Index d_v = problem.plan.d_v;
       const auto [values, value_stride] =
           value_rows(stored_block(problem.v, kv_head, first_key, cols, d_v), slot.value_storage.data());
       accumulate_packed_tile(weights.data(), weights.outerStride(), weights.rows(), values, value_stride, cols, d_v,
                              accumulator.data(), accumulator.outerStride());
-    } else {
-      by_eigen();
+      return;
     }
-  } else {
-    by_eigen();
+  }
+  decltype(auto) values = value_tile(problem, slot, kv_head, first_key, cols);
+  const Eigen::Index slice = problem.plan.value_slice(weights.rows());
+  for (Eigen::Index first = 0; first < cols; first += slice) {
+    const Eigen::Index count = std::min(slice, cols - first);
+    accumulator.noalias() += weights.middleCols(first, count) * values.middleRows(first, count);
   }
 }
 
