@@ -79,16 +79,6 @@ struct compute_scalar<q8_0> {
   using type = float;
 };
 
-/// A block's scale as float: F16C's conversion where the build has it (Eigen converts a
-/// single half in software, which took a q8_0 decode step's time past its memory reads).
-EIGEN_ALWAYS_INLINE float scale_to_float(Eigen::half scale) noexcept {
-#if defined(__F16C__)
-  return _cvtsh_ss(Eigen::numext::bit_cast<std::uint16_t>(scale));
-#else
-  return static_cast<float>(scale);
-#endif
-}
-
 /// Rows of a head-major q8_0 store as the tiled kernel reads them: two head-major stores
 /// of the same tokens, the quants (one head's width per row) and their blocks' scales
 /// (q8_0::blocks of it per row).

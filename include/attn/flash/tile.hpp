@@ -203,8 +203,8 @@ auto score_tile_by_rows(const Problem& problem, TileSlot<Scalar>& slot, const Qu
   const Eigen::Index stride = problem.plan.score_stride;
   Eigen::Map<row_major_matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>, Eigen::Unaligned, Eigen::OuterStride<>> scores(
       slot.score_storage.data(), queries.rows(), cols, Eigen::OuterStride<>(stride));
-  score_rows(problem.k, kv_head, first_key, cols, problem.plan.d_k, queries.data(), queries.rows(), scores.data(),
-             stride);
+  score_rows(row_operand(problem.k, slot.key_storage, kv_head, first_key, cols), kv_head, first_key, cols,
+             problem.plan.d_k, queries.data(), queries.rows(), scores.data(), stride);
   if (!scale_queries_first(problem.scale)) scores *= problem.scale;
   return scores;
 }
@@ -407,7 +407,8 @@ void attend_tiles(const Problem& problem, TileSlot<Scalar>& slot, const WorkItem
             return score_tile_by_rows(problem, slot, queries, kv_head, first_key, cols);
           },
           [&](const auto& weights, Eigen::Index first_key) {
-            accumulate_value_rows(problem.v, kv_head, first_key, weights.cols(), problem.plan.d_v, weights.data(),
+            accumulate_value_rows(row_operand(problem.v, slot.value_storage, kv_head, first_key, weights.cols()),
+                                  kv_head, first_key, weights.cols(), problem.plan.d_v, weights.data(),
                                   weights.outerStride(), rows, accumulator.data(), accumulator.outerStride());
           });
       return;
