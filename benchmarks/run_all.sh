@@ -14,7 +14,9 @@
 #   --quick     N ≤ 1024 only (a smoke test of the whole pipeline, a minute or two)
 #   --no-build  use the existing build/default binaries
 #   --no-torch  keep the existing results/torch.json (or run without torch)
-# Environment: ATTN_BENCH_ARGS (extra attn_bench flags, e.g. --benchmark_repetitions=3),
+# Environment: RESULTS (the results' folder instead of benchmarks/results, e.g.
+#   benchmarks/results/intel for a run on a second machine kind),
+#   ATTN_BENCH_ARGS (extra attn_bench flags, e.g. --benchmark_repetitions=3),
 #   TORCH_ARGS (extra compare_torch.py flags, e.g. --max-call-seconds 30),
 #   IDLE_WAIT (seconds to wait for other processes to leave the CPUs; default 300).
 # A full run takes 10-20 minutes on 2 cores.
@@ -22,7 +24,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
-results="$here/results"
+results="${RESULTS:-$here/results}"
 python=/usr/bin/python3  # Debian's python3-torch and python3-matplotlib live here
 bin="$root/build/default/benchmarks"
 
