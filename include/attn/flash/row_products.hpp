@@ -54,15 +54,15 @@ struct StoredRows<q8_0> {
   QuantizedRow row(Eigen::Index j) const noexcept { return {quants + j * width, scales + j * q8_0::blocks(width)}; }
 };
 
-/// A tile of one KV head of a q8_0 store as the row products read it: the quants where
-/// they lie, the scales of rows [first_row, first_row + count) converted from half to float
-/// once, all together (`row_operand`): converted where they were used, each took a
-/// conversion and a broadcast per block of each key and value (four query rows per key:
-/// a GQA decode step 10% faster without them, Intel AVX-512).
+/// Rows [first_row, first_row + count) of one KV head of a q8_0 store as the row products
+/// read them: the quants where they lie, the scales converted from half to float once, all
+/// together (`row_operand`): converted where they were used, each took a conversion and a
+/// broadcast per block of each key and value (four query rows per key: a GQA decode step
+/// 10% faster without them, Intel AVX-512).
 struct QuantizedTile {
-  HeadMajorRows<std::int8_t> quants;
+  const std::int8_t* quants;  // row first_row's
+  const float* scales;        // row first_row's
   Eigen::Index first_row;
-  const float* scales;
 };
 
 /// `strided_map<Stored, true>` spelled so that `Stored` can be deduced.
@@ -97,11 +97,11 @@ StoredRows<Stored> stored_rows(const row_map<Stored>& operand, Eigen::Index kv_h
                                Eigen::Index width) noexcept {
   return {operand.data() + first_row * operand.outerStride() + kv_head * width, operand.outerStride()};
 }
-/// (`kv_head` must be the tile's.)
-inline StoredRows<q8_0> stored_rows(const QuantizedTile& tile, Eigen::Index kv_head, Eigen::Index first_row,
+/// (A tile holds one head's rows: `kv_head` is the one it was made for.)
+inline StoredRows<q8_0> stored_rows(const QuantizedTile& tile, Eigen::Index /*kv_head*/, Eigen::Index first_row,
                                    Eigen::Index width) noexcept {
-  return {tile.quants.row(kv_head, first_row), tile.scales + (first_row - tile.first_row) * q8_0::blocks(width),
-          width};
+  const Eigen::Index offset = first_row - tile.first_row;
+  return {tile.quants + offset * width, tile.scales + offset * q8_0::blocks(width), width};
 }
 
 /// The operand the row products read for rows [first_row, first_row + count) of head
@@ -117,10 +117,8 @@ inline QuantizedTile row_operand(const QuantizedRows& operand, Eigen::Matrix<flo
                                  Eigen::Index kv_head, Eigen::Index first_row, Eigen::Index count) {
   const Eigen::Index scales = count * q8_0::blocks(operand.quants.width);
   eigen_assert(storage.size() >= scales);
-  storage.head(scales) =
-      Eigen::Map<const Eigen::Matrix<Eigen::half, Eigen::Dynamic, 1>>(operand.scales.row(kv_head, first_row), scales)
-          .cast<float>();
-  return {operand.quants, first_row, storage.data()};
+  widen(operand.scales.row(kv_head, first_row), storage.data(), scales);
+  return {operand.quants.row(kv_head, first_row), storage.data(), first_row};
 }
 
 /// Asks for `count` rows of `width` values from `rows` to be brought into the cache: the
